@@ -1,0 +1,118 @@
+"""Llama in tinygrad tensors: embedding, blocks (RMSNorm, GQA attention with half-split RoPE, SwiGLU),
+final norm and output head, with a KV cache per block.
+
+A model may be a layer shard: `start_layer..end_layer` of `n_layers`. The first shard embeds token ids,
+the last applies the final norm and the head; a middle shard takes and returns hidden states.
+Attribute names follow Hugging Face's (`self_attn.q_proj`, `mlp.gate_proj`); tg_llama/convert.py maps
+every format onto them. No file I/O here, and the model never knows which format it came from."""
+from __future__ import annotations
+from typing import Callable
+import numpy as np
+from tinygrad import Tensor, UOp, dtypes, nn
+from tinygrad.dtype import DType
+from tinygrad.uop.ops import resolve
+from tg_llama.config import LlamaConfig
+
+def rope_tables(config: LlamaConfig, max_context: int, device: str) -> tuple[Tensor, Tensor]:
+  """cos and sin of shape (max_context, head_dim//2), float32."""
+  freqs = np.outer(np.arange(max_context, dtype=np.float64), np.array(config.rope_inv_freq(), dtype=np.float64))
+  return Tensor(np.cos(freqs).astype(np.float32), device=device).realize(), Tensor(np.sin(freqs).astype(np.float32), device=device).realize()
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+  # x: (B, H, T, head_dim) in the half-split layout; cos, sin: (T, head_dim//2)
+  x1, x2 = x.chunk(2, dim=-1)
+  cos, sin = cos.cast(x.dtype), sin.cast(x.dtype)
+  return (x1 * cos - x2 * sin).cat(x2 * cos + x1 * sin, dim=-1)
+
+class Attention:
+  def __init__(self, config: LlamaConfig, linear: Callable):
+    self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+    self.q_proj = linear(config.dim, config.n_heads * config.head_dim, bias=False)
+    self.k_proj = linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+    self.v_proj = linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+    self.o_proj = linear(config.n_heads * config.head_dim, config.dim, bias=False)
+    self.cache_kv: Tensor | None = None
+
+  def __call__(self, x: Tensor, start_pos: int | UOp, cos: Tensor, sin: Tensor) -> Tensor:
+    B, T, _ = x.shape
+    q = self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)       # (B, H, T, hd)
+    k = self.k_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)    # (B, KvH, T, hd)
+    v = self.v_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    assert self.cache_kv is not None, "call Llama.setup_cache() before running the model"
+    # write this chunk's keys and values at start_pos, then attend over everything up to it
+    store = self.cache_kv[:, :, :, start_pos:start_pos+T, :].uop.store(Tensor.stack(k, v).cast(self.cache_kv.dtype).uop)
+    cache = Tensor(self.cache_kv.uop.after(store))
+    keys, values = cache[0, :, :, 0:start_pos+T, :].cast(x.dtype), cache[1, :, :, 0:start_pos+T, :].cast(x.dtype)
+    # causal mask aligned to the lower right: query t sees keys up to start_pos+t
+    mask = Tensor.full((1, 1, T, start_pos+T), float("-inf"), dtype=x.dtype, device=x.device).triu(start_pos+1) if resolve(T != 1) else None
+    out = q.scaled_dot_product_attention(keys, values, attn_mask=mask, enable_gqa=True)  # (B, H, T, hd)
+    return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+class FeedForward:
+  def __init__(self, config: LlamaConfig, linear: Callable):
+    self.gate_proj = linear(config.dim, config.hidden_dim, bias=False)
+    self.up_proj = linear(config.dim, config.hidden_dim, bias=False)
+    self.down_proj = linear(config.hidden_dim, config.dim, bias=False)
+
+  def __call__(self, x: Tensor) -> Tensor: return self.down_proj(self.gate_proj(x).silu() * self.up_proj(x))
+
+class Block:
+  def __init__(self, config: LlamaConfig, linear: Callable):
+    self.input_layernorm = nn.RMSNorm(config.dim, config.norm_eps)
+    self.self_attn = Attention(config, linear)
+    self.post_attention_layernorm = nn.RMSNorm(config.dim, config.norm_eps)
+    self.mlp = FeedForward(config, linear)
+
+  def __call__(self, x: Tensor, start_pos: int | UOp, cos: Tensor, sin: Tensor) -> Tensor:
+    h = x + self.self_attn(self.input_layernorm(x), start_pos, cos, sin)
+    return (h + self.mlp(self.post_attention_layernorm(h))).contiguous()
+
+class Llama:
+  def __init__(self, config: LlamaConfig, start_layer: int = 0, end_layer: int | None = None,
+               linear: Callable = nn.Linear, embedding: Callable = nn.Embedding):
+    end_layer = config.n_layers if end_layer is None else end_layer
+    if not 0 <= start_layer < end_layer <= config.n_layers:
+      raise ValueError(f"bad layer shard {start_layer}..{end_layer} of a {config.n_layers}-layer model")
+    self.config, self.start_layer, self.end_layer = config, start_layer, end_layer
+    self.is_first, self.is_last = start_layer == 0, end_layer == config.n_layers
+    self.layers = {i: Block(config, linear) for i in range(start_layer, end_layer)}
+    if self.is_first: self.embed_tokens = embedding(config.vocab_size, config.dim)
+    if self.is_last:
+      self.norm = nn.RMSNorm(config.dim, config.norm_eps)
+      self.lm_head = linear(config.dim, config.vocab_size, bias=False)
+    self.cos: Tensor | None = None
+    self.sin: Tensor | None = None
+
+  def weights(self) -> dict[str, Tensor]:
+    """Every parameter this shard holds, under its canonical (Hugging Face) name; global layer indices."""
+    out: dict[str, Tensor] = {}
+    if self.is_first: out.update(_params("model.embed_tokens", self.embed_tokens))
+    for i, block in self.layers.items(): out.update(_params(f"model.layers.{i}", block))
+    if self.is_last: out.update({**_params("model.norm", self.norm), **_params("lm_head", self.lm_head)})
+    return out
+
+  def setup_cache(self, batch_size: int, max_context: int, dtype: DType, device: str):
+    """Allocate every block's KV cache at its full size, and the RoPE tables. Calling it again resets them."""
+    self.max_context, self.batch_size = max_context, batch_size
+    self.cos, self.sin = rope_tables(self.config, max_context, device)
+    for block in self.layers.values():
+      shape = (2, batch_size, self.config.n_kv_heads, max_context, self.config.head_dim)
+      block.self_attn.cache_kv = Tensor.zeros(*shape, dtype=dtype, device=device).contiguous().realize()
+
+  def __call__(self, x: Tensor, start_pos: int | UOp, last_only: bool = True) -> Tensor:
+    """x: token ids (B, T) on the first shard, else hidden states (B, T, dim).
+    Returns hidden states (B, T, dim), or on the last shard float32 logits: (B, vocab) for the last
+    position when last_only, else (B, T, vocab)."""
+    assert self.cos is not None and self.sin is not None, "call setup_cache() before running the model"
+    h = self.embed_tokens(x) if self.is_first else x
+    T = h.shape[1]
+    cos, sin = self.cos[start_pos:start_pos+T], self.sin[start_pos:start_pos+T]
+    for block in self.layers.values(): h = block(h, start_pos, cos, sin)
+    if not self.is_last: return h
+    if last_only: h = h[:, -1:, :]
+    logits = self.lm_head(self.norm(h)).float()
+    return logits[:, -1, :] if last_only else logits
+
+def _params(prefix: str, module) -> dict[str, Tensor]:
+  return {f"{prefix}.{name}": t for name, t in nn.state.get_state_dict(module).items() if not name.startswith("self_attn.cache")}
