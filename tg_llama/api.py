@@ -1,16 +1,20 @@
-"""The public Python API: `tg_llama.load(source)` gives a model with `.logits()` and `.generate()`."""
+"""The public Python API: `tg_llama.load(source)` gives a model with `.logits()`, `.generate()` (token ids)
+and `.stream()` (text chunks, through the checkpoint's own tokenizer)."""
 from __future__ import annotations
 import pathlib, sys
+from dataclasses import dataclass
+from functools import cached_property
 from typing import Callable, Iterator
 import numpy as np
-from tinygrad import Tensor, dtypes
+from tinygrad import Tensor, TinyJit, dtypes
 from tinygrad.dtype import DType
 from tg_llama.backend import Backend, resolve_backend
 from tg_llama.config import LlamaConfig
 from tg_llama.convert import Checkpoint, check_weights, open_checkpoint
-from tg_llama.errors import CheckpointError
 from tg_llama.generate import Generator, greedy
 from tg_llama.model import Llama
+from tg_llama.sampling import Sampler, SamplingParams
+from tg_llama.tokenizer import Tokenizer, load_tokenizer
 
 DTYPES = {"float32": dtypes.float32, "float16": dtypes.float16, "half": dtypes.float16, "bfloat16": dtypes.bfloat16}
 
@@ -39,17 +43,51 @@ class Model:
     self.config: LlamaConfig = llama.config
     self.generator = Generator(llama, backend.device, dtype, max_context)
 
+    self.greedy_jit = TinyJit(greedy)
+    self.sampler = Sampler(1, self.config.vocab_size, backend.device)
+    self.sample_jit = TinyJit(self.sampler.__call__)
+
   @property
   def max_context(self) -> int: return self.generator.max_context
+
+  @cached_property
+  def tokenizer(self) -> Tokenizer:
+    """The checkpoint's own tokenizer (from the GGUF, or the files beside the weights)."""
+    return load_tokenizer(self.checkpoint.path)
 
   def logits(self, token_ids: list[int]) -> np.ndarray:
     """The next-token logits after `token_ids` (float32, shape (vocab,))."""
     return self.generator.prefill(list(token_ids)).numpy()[0]
 
-  def generate(self, token_ids: list[int], max_new_tokens: int = 32, sample: Callable[[Tensor], Tensor] = greedy,
+  def generate(self, token_ids: list[int], max_new_tokens: int = 32, sampling: SamplingParams | None = None,
                stop_ids: frozenset[int] = frozenset()) -> Iterator[int]:
-    """Yield new token ids (greedy unless `sample` says otherwise), using the KV cache."""
+    """Yield up to max_new_tokens new token ids (greedy unless `sampling` says otherwise), using the KV cache;
+    a token in stop_ids is yielded and ends the generation."""
+    sampling = sampling or SamplingParams()
+    if sampling.temperature == 0 and sampling.repetition_penalty == 1: sample = self.greedy_jit
+    else:
+      self.sampler.reset([sampling], [list(token_ids)])
+      sample = self.sample_jit
     return self.generator.generate(list(token_ids), max_new_tokens, sample, stop_ids)
+
+  def stream(self, token_ids: list[int], max_new_tokens: int = 256, sampling: SamplingParams | None = None,
+             stop_ids: frozenset[int] | None = None) -> Iterator[Chunk]:
+    """Yield text chunks as they are generated, never half a UTF-8 character; stops on the tokenizer's stop tokens."""
+    stops = self.tokenizer.stop_ids if stop_ids is None else stop_ids
+    decoder, n = self.tokenizer.stream(), 0
+    for token in self.generate(token_ids, max_new_tokens, sampling, stops):
+      n += 1
+      if token in stops:
+        yield Chunk(decoder.flush(), token, "stop")
+        return
+      last = n == max_new_tokens
+      yield Chunk(decoder.add(token) + (decoder.flush() if last else ""), token, "length" if last else None)
+
+@dataclass(frozen=True)
+class Chunk:
+  text: str
+  token: int | None
+  finish_reason: str | None  # "stop" (a stop token), "length" (max_new_tokens), None (more to come)
 
 def load(source: str | pathlib.Path, backend: str | None = None, dtype: str | None = None, max_context: int | None = None,
          progress: bool = False) -> Model:

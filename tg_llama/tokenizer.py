@@ -310,4 +310,5 @@ def load_tokenizer(path: str | pathlib.Path) -> Tokenizer:
     except UnsupportedModelError:
       if not model.is_file(): raise
   if model.is_file(): return _load_file(model, config)
-  raise CheckpointError(f"{path}: no tokenizer.json or tokenizer.model in this directory")
+  if (gguf := path / "tokenizer.gguf").is_file(): return _load_file(gguf, config)  # written by `tg-llama convert` from a GGUF
+  raise CheckpointError(f"{path}: no tokenizer.json, tokenizer.model or tokenizer.gguf in this directory")

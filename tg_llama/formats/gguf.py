@@ -81,6 +81,19 @@ def _parse(path: pathlib.Path) -> tuple[dict, list[GGUFTensorInfo]]:
     infos.append(info)
   return kv, infos
 
+def metadata_only(path: str | pathlib.Path) -> bytes:
+  """A valid GGUF file holding `path`'s metadata (tokenizer, chat template, hyperparameters) and no tensors."""
+  path = pathlib.Path(path)
+  _parse(path)  # validate first
+  with open(path, "rb") as f:
+    head = f.read(24)
+    r = _Reader(f.read(), path)  # the rest, to walk the key-values
+  n_kv = struct.unpack("<Q", head[16:24])[0]
+  for _ in range(n_kv):
+    r.string()
+    r.value(r.scalar("<I"))
+  return head[:8] + struct.pack("<Q", 0) + head[16:24] + r.buf[:r.pos]
+
 def read_metadata(path: str | pathlib.Path) -> dict:
   """The GGUF key-value metadata (architecture, hyperparameters, tokenizer) without touching tensor data."""
   return _parse(pathlib.Path(path))[0]

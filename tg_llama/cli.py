@@ -1,0 +1,138 @@
+"""The `tg-llama` command: chat, generate, convert, bench, cache. Errors print one line, never a traceback."""
+from __future__ import annotations
+import argparse, sys, time
+from tg_llama.errors import TgLlamaError
+
+def add_model_args(p: argparse.ArgumentParser):
+  p.add_argument("--model", help="a GGUF file, an HF or Meta checkpoint directory, a converted directory, or an HF repo id "
+                                 "(default: the bundled SmolLM2-135M-Instruct)")
+  p.add_argument("--backend", help="cpu, opencl, cuda, nv, amd, metal (default: $TG_LLAMA_BACKEND, else tinygrad's $DEV, else the best found)")
+  p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="compute dtype (default: the backend's)")
+  p.add_argument("--max-context", type=int, default=None, help="KV cache size in tokens (default: the model's, at most 4096)")
+
+def add_sampling_args(p: argparse.ArgumentParser, temperature: float):
+  g = p.add_argument_group("sampling")
+  g.add_argument("--temperature", type=float, default=temperature, help=f"0 is greedy (default {temperature})")
+  g.add_argument("--top-k", type=int, default=0, help="keep the k most likely tokens (0: off)")
+  g.add_argument("--top-p", type=float, default=0.9 if temperature else 1.0, help="nucleus sampling: keep the smallest set with this probability")
+  g.add_argument("--min-p", type=float, default=0.0, help="keep tokens at least this fraction as likely as the best")
+  g.add_argument("--repetition-penalty", type=float, default=1.05 if temperature else 1.0, help="divide the logits of tokens already seen (1: off)")
+  g.add_argument("--seed", type=int, default=None, help="same seed, same text")
+  g.add_argument("--max-new-tokens", type=int, default=512, help="the longest answer, in tokens")
+
+def sampling_from(args):
+  from tg_llama.sampling import SamplingParams
+  return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                        repetition_penalty=args.repetition_penalty, seed=args.seed)
+
+def load_model(args):
+  from tg_llama.api import load
+  from tg_llama.assets import resolve_model
+  path = resolve_model(args.model)
+  start = time.perf_counter()
+  model = load(path, backend=args.backend, dtype=args.dtype, max_context=args.max_context, progress=True)
+  print(f"loaded {path.name} on {model.backend.device} ({model.dtype.name}) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+  return model
+
+def warm_up(model):
+  """Compile and capture prefill and decode now, so the first answer is not slow (kernels are cached on disk afterwards)."""
+  start = time.perf_counter()
+  print("compiling kernels (fast after the first run on this backend)...", end="", file=sys.stderr, flush=True)
+  for _ in range(3): list(model.generate([model.config.bos_id or 0] * 2, 3))
+  print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr)
+
+def cmd_chat(args) -> int:
+  from tg_llama.chat import ChatSession, run_chat
+  model = load_model(args)
+  session = ChatSession(model, system=args.system, sampling=sampling_from(args), max_new_tokens=args.max_new_tokens)
+  warm_up(model)
+  return run_chat(model, session, show_stats=args.stats)
+
+def cmd_generate(args) -> int:
+  model = load_model(args)
+  tok = model.tokenizer
+  if args.chat:
+    from tg_llama.chat_template import encode_chat
+    ids = encode_chat(tok, [{"role": "user", "content": args.prompt}])
+  else: ids = ([tok.bos_id] if tok.add_bos and tok.bos_id is not None else []) + tok.encode(args.prompt)
+  start, n = time.perf_counter(), 0
+  if not args.chat: sys.stdout.write(args.prompt)
+  for chunk in model.stream(ids, args.max_new_tokens, sampling_from(args), None if args.chat else frozenset({tok.eos_id} - {None})):
+    n += 1
+    sys.stdout.write(chunk.text)
+    sys.stdout.flush()
+  sys.stdout.write("\n")
+  if args.stats: print(f"[{n} tokens in {time.perf_counter() - start:.2f} s]", file=sys.stderr)
+  return 0
+
+def cmd_convert(args) -> int:
+  from tinygrad import dtypes
+  from tg_llama.convert import convert_checkpoint
+  done = [0]
+  def progress(name):
+    done[0] += 1
+    print(f"\rwrote {done[0]} tensors ({name})".ljust(80), end="", file=sys.stderr, flush=True)
+  out = convert_checkpoint(args.src, args.dst, dtype={"float32": dtypes.float32, "float16": dtypes.float16, "bfloat16": dtypes.bfloat16}[args.dtype],
+                           on_tensor=progress)
+  print(f"\nconverted {args.src} -> {out}", file=sys.stderr)
+  return 0
+
+def build_parser() -> argparse.ArgumentParser:
+  parser = argparse.ArgumentParser(prog="tg-llama", description="Llama-family models on any tinygrad backend.")
+  sub = parser.add_subparsers(dest="command", required=True)
+  p = sub.add_parser("chat", help="multi-turn streaming chat (default model: SmolLM2-135M-Instruct)",
+                     description="Chat in the terminal. /reset clears the history, /exit or end of input quits, Ctrl-C stops an answer. "
+                                 "Reads stdin, so it can be scripted: echo 'What is 2+2?' | tg-llama chat")
+  add_model_args(p); add_sampling_args(p, temperature=0.2)
+  p.add_argument("--system", default=None, help="a system prompt (default: the template's own, if any)")
+  p.add_argument("--stats", action="store_true", help="print tokens/s after each answer")
+  p.set_defaults(func=cmd_chat)
+  p = sub.add_parser("generate", help="one raw completion of --prompt, printed (for scripts)")
+  add_model_args(p); add_sampling_args(p, temperature=0.0)
+  p.add_argument("--prompt", required=True, help="the text to continue")
+  p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template and answer it")
+  p.add_argument("--stats", action="store_true", help="print the token count and time")
+  p.set_defaults(func=cmd_generate)
+  p = sub.add_parser("convert", help="write any checkpoint as an HF-layout directory (config.json + model.safetensors)")
+  p.add_argument("src", help="a GGUF file, an HF or Meta checkpoint directory")
+  p.add_argument("dst", help="the directory to write")
+  p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float16", help="the stored dtype (default float16)")
+  p.set_defaults(func=cmd_convert)
+  p = sub.add_parser("bench", help="prefill/decode speed, time to first token, memory, bandwidth (see tg-llama bench --help)", add_help=False)
+  p.set_defaults(func=None)
+  p = sub.add_parser("cache", help="show or clear the per-backend kernel caches")
+  p.add_argument("--clear", action="store_true", help="delete them")
+  p.add_argument("--backend", default=None, help="only this backend's")
+  p.set_defaults(func=cmd_cache)
+  return parser
+
+def cmd_cache(args) -> int:
+  from tg_llama import cache
+  if args.clear:
+    for path in cache.clear_caches(args.backend): print(f"removed {path}")
+  else: print(cache.show_caches())
+  return 0
+
+def main(argv: list[str] | None = None) -> int:
+  argv = sys.argv[1:] if argv is None else argv
+  if argv and argv[0] == "bench":
+    from tg_llama.bench import main as bench_main
+    return run_guarded(lambda: bench_main(argv[1:]))
+  args = build_parser().parse_args(argv)
+  return run_guarded(lambda: args.func(args))
+
+def run_guarded(fn) -> int:
+  try: return fn() or 0
+  except TgLlamaError as e:
+    print(f"error: {e}", file=sys.stderr)
+    return 1
+  except FileNotFoundError as e:
+    if e.filename == "clang" or "clang" in str(e):
+      print("error: the CPU backend compiles kernels with clang, which is not installed: apt-get install -y clang", file=sys.stderr)
+      return 1
+    raise
+  except KeyboardInterrupt:
+    print("", file=sys.stderr)
+    return 130
+
+if __name__ == "__main__": sys.exit(main())
