@@ -89,6 +89,25 @@ class Chunk:
   token: int | None
   finish_reason: str | None  # "stop" (a stop token), "length" (max_new_tokens), None (more to come)
 
+def load_shard(source: str | pathlib.Path, start_layer: int, end_layer: int, backend: str | None = None, dtype: str | None = None,
+               max_context: int | None = None) -> Llama:
+  """Layers start_layer..end_layer of a checkpoint, reading only their tensors, with a KV cache ready.
+  Call it as `shard(x, start_pos)`: x is token ids (B, T) for the first shard, else the previous shard's hidden
+  states (B, T, dim); the last shard returns logits. Shards may live on different backends and machines."""
+  be, compute, ckpt, context = _prepare(source, backend, dtype, max_context)
+  shard = Llama(ckpt.config, start_layer, end_layer)
+  load_weights(shard, ckpt, be.device, compute)
+  shard.setup_cache(1, context, compute, be.device)
+  return shard
+
+def _prepare(source, backend, dtype, max_context) -> tuple[Backend, DType, Checkpoint, int]:
+  be = resolve_backend(backend)
+  if dtype is not None and dtype not in DTYPES: raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+  ckpt = open_checkpoint(source)
+  context = max_context or min(ckpt.config.max_context, 4096)
+  if context < 1: raise ValueError(f"max_context must be positive, got {context}")
+  return be, DTYPES[dtype] if dtype else be.dtype, ckpt, context
+
 def load(source: str | pathlib.Path, backend: str | None = None, dtype: str | None = None, max_context: int | None = None,
          progress: bool = False) -> Model:
   """Load a checkpoint (HF dir, Meta dir, GGUF file or a converted dir; the format is detected) onto a backend.
@@ -96,12 +115,7 @@ def load(source: str | pathlib.Path, backend: str | None = None, dtype: str | No
   backend: "cpu", "opencl", "cuda", ... (default: TG_LLAMA_BACKEND, else tinygrad's DEV).
   dtype: "float32", "float16" or "bfloat16" (default: the backend's compute dtype).
   max_context: the KV cache size (default: the model's context, capped at 4096)."""
-  be = resolve_backend(backend)
-  if dtype is not None and dtype not in DTYPES: raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
-  compute = DTYPES[dtype] if dtype else be.dtype
-  ckpt = open_checkpoint(source)
-  context = max_context or min(ckpt.config.max_context, 4096)
-  if context < 1: raise ValueError(f"max_context must be positive, got {context}")
+  be, compute, ckpt, context = _prepare(source, backend, dtype, max_context)
   llama = Llama(ckpt.config)
   load_weights(llama, ckpt, be.device, compute, progress_bar(f"loading {pathlib.Path(source).name}") if progress else None)
   return Model(llama, ckpt, be, compute, context)

@@ -5,7 +5,7 @@ Not here: anything about weights or files beyond the config dicts; architectures
 (biases, MoE, sliding-window-only attention, other norms) are refused, never approximated."""
 from __future__ import annotations
 import math
-from dataclasses import dataclass, field, replace, asdict
+from dataclasses import dataclass, field, replace
 from tg_llama.errors import UnsupportedModelError
 
 @dataclass(frozen=True)
@@ -59,6 +59,12 @@ class LlamaConfig:
         smooth = (s.original_max_context / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
         out.append((1 - smooth) * f / s.factor + smooth * f)
     return out
+
+  def shard_plan(self, n_parts: int) -> list[tuple[int, int]]:
+    """Split the layers into n_parts contiguous (start, end) ranges, as even as they go."""
+    if not 1 <= n_parts <= self.n_layers: raise ValueError(f"cannot split {self.n_layers} layers into {n_parts} parts")
+    bounds = [self.n_layers * i // n_parts for i in range(n_parts + 1)]
+    return list(zip(bounds, bounds[1:]))
 
   # ---- constructors, one per source ----
 

@@ -5,7 +5,7 @@ compute). Meta's and llama.cpp's q/k weights use the interleaved layout and are 
 a converted checkpoint is therefore a plain HF directory that transformers loads too."""
 from __future__ import annotations
 import json, pathlib, re, shutil, struct
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Callable
 from tinygrad import Tensor, dtypes
 from tinygrad.dtype import DType
@@ -54,6 +54,7 @@ class Checkpoint:
   format: str                                     # "hf", "meta" or "gguf"
   config: LlamaConfig
   tensors: dict[str, Callable[[str], Tensor]]     # canonical name -> (device -> lazy float tensor)
+  shapes: dict[str, tuple[int, ...]]              # canonical name -> shape, known without reading any data
   metadata: dict                                  # the source's own config dict / GGUF key-values
   raw_dtypes: dict[str, str]                      # canonical name -> the stored dtype or quant type
 
@@ -78,8 +79,9 @@ def _open_hf(path: pathlib.Path) -> Checkpoint:
   if "lm_head.weight" not in names and "model.embed_tokens.weight" in names:
     config = _tied(config)
   tensors = {n: (lambda dev, t=raw[n]: to_device(t, dev)) for n in names}
-  if config.tie_embeddings and "model.embed_tokens.weight" in raw: tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"]
-  return Checkpoint(path, "hf", config, tensors, cfg, {n: raw[n].dtype.name for n in names})
+  shapes, raw_dtypes = {n: tuple(raw[n].shape) for n in names}, {n: raw[n].dtype.name for n in names}
+  if config.tie_embeddings and "model.embed_tokens.weight" in raw: _tie(tensors, shapes, raw_dtypes)
+  return Checkpoint(path, "hf", config, tensors, shapes, cfg, raw_dtypes)
 
 def _open_meta(path: pathlib.Path) -> Checkpoint:
   params = hf.read_json(path / "params.json")
@@ -91,15 +93,16 @@ def _open_meta(path: pathlib.Path) -> Checkpoint:
   config = LlamaConfig.from_meta(params, vocab_size=vocab)
   expected = canonical_shapes(config)
   to_canonical = _name_map(config.n_layers, index=1)
-  tensors, raw_dtypes = {}, {}
+  tensors, shapes, raw_dtypes = {}, {}, {}
   for src in names:
     if src not in to_canonical: raise CheckpointError(f"{path}: unexpected tensor {src} for a Llama checkpoint")
     name, parts = to_canonical[src], [s[src] for s in shards]
     axis = _shard_axis(parts, expected[name], f"{path}/{src}")
     permute = config.n_heads if name.endswith("q_proj.weight") else config.n_kv_heads if name.endswith("k_proj.weight") else 0
     tensors[name] = lambda dev, parts=parts, axis=axis, permute=permute: _concat_permute(parts, axis, permute, dev)
+    shapes[name] = tuple(sum(p.shape[a] for p in parts) if a == axis else d for a, d in enumerate(parts[0].shape))
     raw_dtypes[name] = parts[0].dtype.name
-  return Checkpoint(path, "meta", config, tensors, params, raw_dtypes)
+  return Checkpoint(path, "meta", config, tensors, shapes, params, raw_dtypes)
 
 def _open_gguf(path: pathlib.Path) -> Checkpoint:
   kv, infos, disk = gguf.read_gguf(path)
@@ -108,22 +111,24 @@ def _open_gguf(path: pathlib.Path) -> Checkpoint:
     factors = tuple(float(x) for x in gguf.load_tensor(disk, infos["rope_freqs.weight"], "CPU").tolist())
   config = LlamaConfig.from_gguf(kv, factors)
   to_canonical = _name_map(config.n_layers, index=0)
-  tensors, raw_dtypes = {}, {}
+  tensors, shapes, raw_dtypes = {}, {}, {}
   for src, info in infos.items():
     if IGNORED.match(src): continue
     if src not in to_canonical: raise CheckpointError(f"{path}: unexpected tensor {src} for a Llama model")
     name = to_canonical[src]
     permute = config.n_heads if name.endswith("q_proj.weight") else config.n_kv_heads if name.endswith("k_proj.weight") else 0
     tensors[name] = lambda dev, info=info, permute=permute: _maybe_permute(gguf.load_tensor(disk, info, dev), permute)
-    raw_dtypes[name] = gguf.ggml_type_name(info.ggml_type)
+    shapes[name], raw_dtypes[name] = info.shape, gguf.ggml_type_name(info.ggml_type)
   if "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors:
     config = _tied(config)
-    tensors["lm_head.weight"], raw_dtypes["lm_head.weight"] = tensors["model.embed_tokens.weight"], raw_dtypes["model.embed_tokens.weight"]
-  return Checkpoint(path, "gguf", config, tensors, kv, raw_dtypes)
+    _tie(tensors, shapes, raw_dtypes)
+  return Checkpoint(path, "gguf", config, tensors, shapes, kv, raw_dtypes)
 
-def _tied(config: LlamaConfig) -> LlamaConfig:
-  from dataclasses import replace
-  return replace(config, tie_embeddings=True)
+def _tied(config: LlamaConfig) -> LlamaConfig: return replace(config, tie_embeddings=True)
+
+def _tie(*tables: dict):
+  """Tied embeddings: the output head reads the embedding's tensor."""
+  for table in tables: table["lm_head.weight"] = table["model.embed_tokens.weight"]
 
 def _name_map(n_layers: int, index: int) -> dict[str, str]:
   out = {names[index]: canonical for canonical, names in GLOBAL_NAMES.items()}
@@ -161,11 +166,7 @@ def check_weights(ckpt: Checkpoint, start_layer: int = 0, end_layer: int | None 
                             f"({ckpt.config.n_layers} layers): the config contradicts the weights")
   for name, shape in canonical_shapes(ckpt.config, start_layer, end_layer).items():
     if name not in ckpt.tensors: raise CheckpointError(f"{ckpt.path}: missing tensor {name}")
-    got = _shape_of(ckpt, name)
-    if got != shape: raise CheckpointError(f"{ckpt.path}: tensor {name} has shape {got}, the config expects {shape}")
-
-def _shape_of(ckpt: Checkpoint, name: str) -> tuple[int, ...]:
-  return tuple(ckpt.tensors[name]("NULL").shape)  # building the lazy graph on NULL reads nothing
+    if (got := ckpt.shapes[name]) != shape: raise CheckpointError(f"{ckpt.path}: tensor {name} has shape {got}, the config expects {shape}")
 
 # ---- writing the canonical layout ----
 

@@ -14,6 +14,11 @@ GGML_TYPES = {0: ("F32", 1, 4), 1: ("F16", 1, 2), 30: ("BF16", 1, 2), 2: ("Q4_0"
               6: ("Q5_0", 32, 22), 7: ("Q5_1", 32, 24), 8: ("Q8_0", 32, 34), 12: ("Q4_K", 256, 144),
               13: ("Q5_K", 256, 176), 14: ("Q6_K", 256, 210)}
 
+# the others, named for the error message
+OTHER_GGML_TYPES = {10: "Q2_K", 11: "Q3_K", 15: "Q8_K", 16: "IQ2_XXS", 17: "IQ2_XS", 18: "IQ3_XXS", 19: "IQ1_S", 20: "IQ4_NL",
+                    21: "IQ3_S", 22: "IQ2_S", 23: "IQ4_XS", 24: "I8", 25: "I16", 26: "I32", 27: "I64", 28: "F64", 29: "IQ1_M",
+                    34: "TQ1_0", 35: "TQ2_0", 39: "MXFP4"}
+
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 
 @dataclass(frozen=True)
@@ -73,7 +78,9 @@ def _parse(path: pathlib.Path) -> tuple[dict, list[GGUFTensorInfo]]:
   for name, shape, typ, off in raw:
     n = 1
     for d in shape: n *= d
-    if typ not in GGML_TYPES: raise UnsupportedModelError(f"{path}: tensor {name} has unsupported GGML type {typ}")
+    if typ not in GGML_TYPES:
+      raise UnsupportedModelError(f"{path}: tensor {name} has GGML type {OTHER_GGML_TYPES.get(typ, typ)}, which tg-llama does not read "
+                                  f"(supported: {', '.join(t[0] for t in GGML_TYPES.values())})")
     _, block, block_bytes = GGML_TYPES[typ]
     info = GGUFTensorInfo(name, shape, typ, data_start + off, n // block * block_bytes)
     if info.offset + info.nbytes > size:
