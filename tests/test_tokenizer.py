@@ -261,7 +261,7 @@ def test_directory_with_config(llama3_tokenizer_dir, tmp_path):
 
 def test_loader_errors(tmp_path):
   with pytest.raises(CheckpointError, match="no such file"): load_tokenizer(tmp_path / "nope")
-  with pytest.raises(CheckpointError, match="no tokenizer.json or tokenizer.model"): load_tokenizer(tmp_path)
+  with pytest.raises(CheckpointError, match="no tokenizer.json, tokenizer.model or tokenizer.gguf"): load_tokenizer(tmp_path)
   (tmp_path / "tokenizer.model").write_bytes(b"IQ== 0\nIg== 1\nnot a line\n")
   with pytest.raises(CheckpointError, match="line 3"): load_tokenizer(tmp_path / "tokenizer.model")
   (tmp_path / "tokenizer.json").write_text(json.dumps({"model": {"type": "WordPiece", "vocab": {}}}))
