@@ -100,17 +100,17 @@ class Llama:
       shape = (2, batch_size, self.config.n_kv_heads, max_context, self.config.head_dim)
       block.self_attn.cache_kv = Tensor.zeros(*shape, dtype=dtype, device=device).contiguous().realize()
 
-  def __call__(self, x: Tensor, start_pos: int | UOp, last_only: bool = True) -> Tensor:
+  def __call__(self, x: Tensor, start_pos: int | UOp, last_only: bool = True, last_index: int | UOp | None = None) -> Tensor:
     """x: token ids (B, T) on the first shard, else hidden states (B, T, dim).
     Returns hidden states (B, T, dim), or on the last shard float32 logits: (B, vocab) for the last
-    position when last_only, else (B, T, vocab)."""
+    position when last_only (or for position `last_index` of a padded chunk), else (B, T, vocab)."""
     assert self.cos is not None and self.sin is not None, "call setup_cache() before running the model"
     h = self.embed_tokens(x) if self.is_first else x
     T = h.shape[1]
     cos, sin = self.cos[start_pos:start_pos+T], self.sin[start_pos:start_pos+T]
     for block in self.layers.values(): h = block(h, start_pos, cos, sin)
     if not self.is_last: return h
-    if last_only: h = h[:, -1:, :]
+    if last_only: h = h[:, -1:, :] if last_index is None else h[:, last_index:last_index+1, :]
     logits = self.lm_head(self.norm(h)).float()
     return logits[:, -1, :] if last_only else logits
 
