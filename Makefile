@@ -15,11 +15,12 @@ test: setup
 
 setup: system-deps $(VENV)/.installed .data/.fetched
 
-# clang compiles the CPU backend's kernels; PoCL runs the OpenCL backend on the CPU for the tests
+# clang compiles the CPU backend's kernels; PoCL runs the OpenCL backend on the CPU for the tests;
+# LLVM 19 lets the tests compile the AMD GPU kernels without a GPU
 system-deps:
-	@command -v clang >/dev/null && [ -e /etc/OpenCL/vendors/pocl.icd ] || { \
+	@command -v clang >/dev/null && [ -e /etc/OpenCL/vendors/pocl.icd ] && ls /usr/lib/*/libLLVM-19.so* >/dev/null 2>&1 || { \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
-	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq clang pocl-opencl-icd ocl-icd-libopencl1 >/dev/null; }
+	  $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq clang pocl-opencl-icd ocl-icd-libopencl1 libllvm19 >/dev/null; }
 
 $(VENV)/.installed: setup.cfg pyproject.toml
 	[ -x $(BIN)/python ] || $(PYTHON) -m venv $(VENV)

@@ -1,33 +1,123 @@
 """Backends: which tinygrad device runs the model, in what compute dtype, with which kernel cache.
 
-Chosen by `--backend`, else TG_LLAMA_BACKEND, else tinygrad's own DEV; never by editing code."""
+Chosen by `--backend`, else TG_LLAMA_BACKEND, else tinygrad's own DEV, else the first device tinygrad can open
+(an OpenCL that runs on the CPU, like PoCL, loses to the CPU backend there). Each backend keeps its compiled
+kernels in its own folder, `~/.cache/tg-llama/<backend>/cache.db` ($XDG_CACHE_HOME respected, $TG_LLAMA_CACHE
+moves the root), so one backend's kernels can be cleared or copied without touching the others. Resolving a
+backend sets up the process for it (kernel cache folder, tinygrad's default device): load() does it first thing.
+
+Not here: spreading one model over several devices (see load_shard), choosing kernels (BEAM is tinygrad's knob)."""
 from __future__ import annotations
-import os
+import ctypes, os, pathlib
 from dataclasses import dataclass
 from tinygrad import Device, dtypes
 from tinygrad.dtype import DType
+from tinygrad.helpers import DEV, Context
+import tinygrad.helpers as tg_helpers
 from tg_llama.errors import TgLlamaError
 
 # our names -> tinygrad device prefixes
-BACKENDS = {"cpu": "CPU", "opencl": "CL", "cl": "CL", "cuda": "CUDA", "nv": "NV", "amd": "AMD", "hip": "HIP", "metal": "METAL",
+BACKENDS = {"cpu": "CPU", "opencl": "CL", "cuda": "CUDA", "nv": "NV", "amd": "AMD", "hip": "HIP", "metal": "METAL",
             "webgpu": "WEBGPU", "null": "NULL"}
+ALIASES = {"cl": "opencl"}
+NAMES = {prefix: name for name, prefix in BACKENDS.items()}
+# where each backend's set-up is written down (NV is NVIDIA without CUDA's runtime, HIP is AMD through ROCm)
+SETUP_DOCS = {"cpu": "cpu", "opencl": "opencl", "cuda": "cuda", "nv": "cuda", "amd": "amd", "hip": "amd", "metal": "metal"}
 
 @dataclass(frozen=True)
 class Backend:
-  name: str
-  device: str
-  dtype: DType   # the compute dtype for weights, activations and the KV cache
+  name: str                 # ours: "cpu", "opencl", "cuda", ...
+  device: str               # tinygrad's: "CPU", "CL", "CUDA:1", ...
+  dtype: DType              # the compute dtype for weights, activations and the KV cache
+  cache_dir: pathlib.Path   # compiled kernels (cache.db) and anything else this backend keeps between runs
+
+def cache_root() -> pathlib.Path:
+  if root := os.environ.get("TG_LLAMA_CACHE"): return pathlib.Path(root).expanduser().absolute()
+  return (pathlib.Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "tg-llama").absolute()
+
+def backend_cache_dir(name: str) -> pathlib.Path: return cache_root() / name
+
+def known_backends() -> list[str]: return sorted(set(BACKENDS) - {"null"})
 
 def resolve_backend(name: str | None = None) -> Backend:
+  """The backend named (or the environment's), set up for this process: tinygrad's kernel cache points at its
+  folder, and tensors made without a device land on it. Raises if its device does not open here."""
   name = name or os.environ.get("TG_LLAMA_BACKEND")
-  if name:
-    key = name.lower()
-    prefix = BACKENDS.get(key.split(":")[0])
-    if prefix is None:
-      raise TgLlamaError(f"unknown backend {name!r}; known: {', '.join(sorted(set(BACKENDS) - {'cl', 'null'}))}")
-    device = prefix + (name[len(key.split(':')[0]):] if ":" in name else "")
-  else:
-    device = Device.DEFAULT
+  device = _named_device(name) if name else _default_device()
+  backend_name = NAMES.get(device.split(":")[0], device.split(":")[0].lower())
+  # before the device opens: tinygrad compiles a few kernels of its own when it opens some devices (the CPU's)
+  configure_cache(backend_cache_dir(backend_name))
+  if (probe_error := _probe(device)) is not None:
+    with Context(CACHELEVEL=0): others = [n for n in available_backends() if n != backend_name]
+    doc = f"; set it up: backends/{SETUP_DOCS[backend_name]}/README.md" if backend_name in SETUP_DOCS else ""
+    raise TgLlamaError(f"backend {backend_name!r} (tinygrad device {device}) is not available on this machine ({probe_error}); "
+                       f"available here: {', '.join(others) or 'none'}{doc}")
   prefix = device.split(":")[0]
-  # float32 on the CPU: tinygrad's CPU kernels are fastest there (half and bf16 convert per element)
-  return Backend(name=prefix.lower(), device=device, dtype=dtypes.float32 if prefix in ("CPU", "PYTHON") else dtypes.float16)
+  if DEV.device != prefix:  # a backend named by us, not by DEV: tinygrad's default device follows it
+    DEV.value = prefix
+    os.environ["DEV"] = prefix  # as tinygrad does, for the processes it spawns
+  return Backend(backend_name, device, compute_dtype(device), backend_cache_dir(backend_name))
+
+def compute_dtype(device: str) -> DType:
+  # float32 on the CPU: tinygrad's CPU kernels are fastest there (half and bfloat16 convert per element, measured)
+  if device.split(":")[0] in ("CPU", "PYTHON"): return dtypes.float32
+  # half where the device has it natively. PoCL's OpenCL lacks cl_khr_fp16, and tinygrad 0.14 fails to lower the
+  # model in emulated half there ("UOp verification failed"), so such a device gets float32
+  return dtypes.float16 if dtypes.half in Device[device].renderer.supported_dtypes() else dtypes.float32
+
+def available_backends() -> list[str]:
+  """Our names of the backends whose device opens here (each probe opens the device: about a second for all)."""
+  return [name for name in known_backends() if _probe(BACKENDS[name]) is None]
+
+def configure_cache(folder: pathlib.Path) -> pathlib.Path:
+  """Point tinygrad's compiled-kernel cache at `folder`/cache.db, before anything compiles for the backend.
+
+  tinygrad reads CACHEDB from the environment once, at import, and compiles in worker processes that it spawns
+  (they import tinygrad afresh): so the module value, the open connection and the environment all change here,
+  and workers started with the old path are stopped, to be respawned on the next compile."""
+  db = str(folder / "cache.db")
+  if tg_helpers.CACHEDB == db and os.environ.get("CACHEDB") == db: return pathlib.Path(db)
+  os.environ["CACHEDB"] = tg_helpers.CACHEDB = db
+  if tg_helpers._db_connection is not None:
+    tg_helpers._db_connection.close()
+    tg_helpers._db_connection = None
+  tg_helpers._db_tables.clear()
+  from tinygrad.engine import worker
+  if worker.worker_pool is not None: worker.terminate_worker_pool()
+  return pathlib.Path(db)
+
+def canonical_name(name: str) -> str:
+  """Our name for a backend named by the user ("CL:1" -> "opencl"); raises on an unknown one."""
+  base = ALIASES.get(key := name.lower().partition(":")[0], key)
+  if base not in BACKENDS: raise TgLlamaError(f"unknown backend {name!r}; known: {', '.join(known_backends())}")
+  return base
+
+def _named_device(name: str) -> str:
+  base, index = canonical_name(name), name.partition(":")[2]
+  if index and not index.isdigit(): raise TgLlamaError(f"bad device index in backend {name!r}; write it as {base}:N, e.g. {base}:1")
+  return BACKENDS[base] + (f":{index}" if index else "")
+
+def _default_device() -> str:
+  if DEV.device: return DEV.device
+  # tinygrad opens devices until one works; what they compile on opening is not worth caching (we don't know where yet)
+  try:
+    with Context(CACHELEVEL=0): device = Device.DEFAULT
+  except Exception as e: raise TgLlamaError(f"no tinygrad device opens on this machine ({_first_line(e)}); known backends: "
+                                            f"{', '.join(known_backends())}, see backends/<name>/README.md") from None
+  # tinygrad tries OpenCL before the CPU backend: an OpenCL that runs on the CPU (PoCL) is several times slower there
+  return "CPU" if device == "CL" and _is_cpu_opencl() else device
+
+def _is_cpu_opencl() -> bool:
+  from tinygrad.runtime.autogen import opencl as cl
+  kind = ctypes.c_uint64()
+  cl.clGetDeviceInfo(Device["CL"].cl_dev, cl.CL_DEVICE_TYPE, ctypes.sizeof(kind), ctypes.byref(kind), None)
+  return bool(kind.value & cl.CL_DEVICE_TYPE_CPU)
+
+def _probe(device: str) -> str | None:
+  """None when the device opens and has a renderer, else why not (tinygrad raises many kinds of errors for this)."""
+  try:
+    _ = Device[device].renderer
+    return None
+  except Exception as e: return _first_line(e)
+
+def _first_line(e: Exception) -> str: return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
