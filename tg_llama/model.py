@@ -12,6 +12,7 @@ from tinygrad import Tensor, UOp, dtypes, nn
 from tinygrad.dtype import DType
 from tinygrad.uop.ops import resolve
 from tg_llama.config import LlamaConfig
+from tg_llama.linear import Linear
 
 def rope_tables(config: LlamaConfig, max_context: int, device: str) -> tuple[Tensor, Tensor]:
   """cos and sin of shape (max_context, head_dim//2), float32."""
@@ -70,7 +71,7 @@ class Block:
 
 class Llama:
   def __init__(self, config: LlamaConfig, start_layer: int = 0, end_layer: int | None = None,
-               linear: Callable = nn.Linear, embedding: Callable = nn.Embedding):
+               linear: Callable = Linear, embedding: Callable = nn.Embedding):
     end_layer = config.n_layers if end_layer is None else end_layer
     if not 0 <= start_layer < end_layer <= config.n_layers:
       raise ValueError(f"bad layer shard {start_layer}..{end_layer} of a {config.n_layers}-layer model")
