@@ -13,20 +13,24 @@ from tg_llama.config import LlamaConfig
 from tg_llama.convert import Checkpoint, check_weights, open_checkpoint
 from tg_llama.generate import Generator, greedy
 from tg_llama.model import Llama
+from tg_llama.parallel import check_divisible, devices_for, split_axis
 from tg_llama.sampling import Sampler, SamplingParams
 from tg_llama.tokenizer import Tokenizer, load_tokenizer
 
 DTYPES = {"float32": dtypes.float32, "float16": dtypes.float16, "half": dtypes.float16, "bfloat16": dtypes.bfloat16}
 
-def load_weights(model: Llama, ckpt: Checkpoint, device: str, dtype: DType, progress: Callable[[int, int], None] | None = None):
-  """Fill the model's parameters from the checkpoint: only the tensors this shard holds are read."""
+def load_weights(model: Llama, ckpt: Checkpoint, device: str, dtype: DType, progress: Callable[[int, int], None] | None = None,
+                 devices: tuple[str, ...] = ()):
+  """Fill the model's parameters from the checkpoint: only the tensors this shard holds are read. With several
+  devices each tensor is split over them as it is read, so no device ever holds the whole model."""
   check_weights(ckpt, model.start_layer, model.end_layer)
   params = model.weights()
   if model.is_first and model.is_last and ckpt.config.tie_embeddings:
     model.lm_head.weight = model.embed_tokens.weight  # one tensor for both, as in the checkpoint
     params.pop("lm_head.weight")
   for i, (name, param) in enumerate(params.items()):
-    param.replace(ckpt.tensors[name](device).cast(dtype).contiguous()).realize()
+    t = ckpt.tensors[name](device).cast(dtype).contiguous()
+    param.replace(t.shard(devices, split_axis(name, model.config, len(devices))) if len(devices) > 1 else t).realize()
     if progress: progress(i + 1, len(params))
 
 def progress_bar(label: str) -> Callable[[int, int], None]:
@@ -38,10 +42,11 @@ def progress_bar(label: str) -> Callable[[int, int], None]:
 
 class Model:
   """A loaded whole model on one backend, with its KV cache and captured JIT graphs."""
-  def __init__(self, llama: Llama, checkpoint: Checkpoint, backend: Backend, dtype: DType, max_context: int):
-    self.llama, self.checkpoint, self.backend, self.dtype = llama, checkpoint, backend, dtype
+  def __init__(self, llama: Llama, checkpoint: Checkpoint, backend: Backend, dtype: DType, max_context: int,
+               devices: tuple[str, ...] = ()):
+    self.llama, self.checkpoint, self.backend, self.dtype, self.devices = llama, checkpoint, backend, dtype, devices
     self.config: LlamaConfig = llama.config
-    self.generator = Generator(llama, backend.device, dtype, max_context)
+    self.generator = Generator(llama, backend.device, dtype, max_context, devices=devices)
 
     self.greedy_jit = TinyJit(greedy)
     self.sampler = Sampler(1, self.config.vocab_size, backend.device)
@@ -109,13 +114,16 @@ def _prepare(source, backend, dtype, max_context) -> tuple[Backend, DType, Check
   return be, DTYPES[dtype] if dtype else be.dtype, ckpt, context
 
 def load(source: str | pathlib.Path, backend: str | None = None, dtype: str | None = None, max_context: int | None = None,
-         progress: bool = False) -> Model:
+         progress: bool = False, devices: int = 1) -> Model:
   """Load a checkpoint (HF dir, Meta dir, GGUF file or a converted dir; the format is detected) onto a backend.
 
   backend: "cpu", "opencl", "cuda", ... (default: TG_LLAMA_BACKEND, else tinygrad's DEV).
   dtype: "float32", "float16" or "bfloat16" (default: the backend's compute dtype).
-  max_context: the KV cache size (default: the model's context, capped at 4096)."""
+  max_context: the KV cache size (default: the model's context, capped at 4096).
+  devices: split the model tensor-parallel over this many devices of the backend, from its own on (CUDA:0, CUDA:1, ...)."""
   be, compute, ckpt, context = _prepare(source, backend, dtype, max_context)
+  devs = devices_for(be.device, devices) if devices > 1 else ()
+  if devs: check_divisible(ckpt.config, devices)  # before reading any weights
   llama = Llama(ckpt.config)
-  load_weights(llama, ckpt, be.device, compute, progress_bar(f"loading {pathlib.Path(source).name}") if progress else None)
-  return Model(llama, ckpt, be, compute, context)
+  load_weights(llama, ckpt, be.device, compute, progress_bar(f"loading {pathlib.Path(source).name}") if progress else None, devs)
+  return Model(llama, ckpt, be, compute, context, devs)

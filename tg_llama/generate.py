@@ -15,13 +15,17 @@ from tinygrad import Tensor, TinyJit, UOp, dtypes
 from tinygrad.dtype import DType
 from tg_llama.errors import ContextLengthError
 from tg_llama.model import Llama
+from tg_llama.parallel import place_input, shard_model
 
 class Generator:
-  def __init__(self, model: Llama, device: str, dtype: DType, max_context: int, prefill_chunk: int = 64):
+  def __init__(self, model: Llama, device: str, dtype: DType, max_context: int, prefill_chunk: int = 64,
+               devices: tuple[str, ...] = ()):
     if not (model.is_first and model.is_last): raise ValueError("Generator runs a whole model; chain layer shards by hand")
     self.model, self.device, self.max_context = model, device, max_context
     self.prefill_chunk = min(prefill_chunk, max_context)
     model.setup_cache(1, max_context + self.prefill_chunk, dtype, device)  # slack for the last chunk's padding
+    if len(devices) > 1: shard_model(model, devices)  # after setup_cache: the new cache is split too
+    self.devices = devices
     self.v_pos = UOp.variable("start_pos", 0, max_context - 1)
     self.v_last = UOp.variable("last_index", 0, self.prefill_chunk - 1)
     self.prefill_jit = TinyJit(self._forward)
@@ -29,7 +33,8 @@ class Generator:
     self.cached: list[int] = []  # the tokens whose keys and values are in the cache, in order
 
   def _forward(self, tokens: Tensor, start_pos: UOp, last_index: UOp | None = None) -> Tensor:
-    return self.model(tokens, start_pos, last_index=last_index).realize()
+    # a model split over devices takes its input on every device and gives logits back on this one
+    return self.model(place_input(tokens, self.devices), start_pos, last_index=last_index).to(self.device).realize()
 
   def _check_fits(self, n: int):
     if n > self.max_context:

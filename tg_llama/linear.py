@@ -18,7 +18,9 @@ def one_token(x: Tensor) -> bool: return all(isinstance(s, int) for s in x.shape
 
 def lanes_matvec(x: Tensor, w: Tensor) -> Tensor:
   """x (..., K) with one row, w (N, K) of any dtype: x @ w.T, the reduction split into lanes."""
-  (N, K), A = w.shape, lanes(w.shape[1])
+  (N, K) = w.shape
+  # a weight split over devices on its input axis: each device's part of the reduction splits into lanes
+  A = lanes(K // len(w.device) if isinstance(w.device, tuple) and w.uop.axis == 1 else K)
   return (x.reshape(*x.shape[:-1], 1, K // A, A) * w.cast(x.dtype).reshape(N, K // A, A)).sum(-2).sum(-1)
 
 class Linear:
