@@ -1,0 +1,24 @@
+"""Decode and prefill run as captured TinyJit graphs: after warm-up, generating many more tokens (at new
+positions, so only a symbolic start position can serve them) lowers and compiles no new kernel."""
+from tinygrad import Tensor
+from tinygrad.codegen import to_program_cache
+import tg_llama
+from tg_llama.sampling import SamplingParams
+from tiny_models import PROMPT, hf_model, write_hf
+
+def test_no_new_kernels_after_warm_up(tmp_path):
+  model = tg_llama.load(write_hf(hf_model("gqa_tied"), tmp_path / "hf"), max_context=128)
+  sampling = SamplingParams(temperature=0.8, top_p=0.9, seed=0)
+  for _ in range(2):  # warm-up: run, then capture, every graph
+    list(model.generate(PROMPT, 4))
+    list(model.generate(PROMPT, 4, sampling))
+  kernels, decode = len(to_program_cache), model.generator.decode_jit.captured
+  prompt = PROMPT + [5] * 70  # a longer prompt: two prefill chunks, then decode far past the warm-up's positions
+  greedy = list(model.generate(prompt, 40))
+  sampled = list(model.generate(PROMPT[:3], 60, sampling))
+  assert len(greedy) == 40 and len(sampled) == 60
+  assert len(to_program_cache) == kernels
+  assert model.generator.decode_jit.captured is decode
+  # the counter does see a kernel that is new
+  (Tensor([1.0, 2.0, 3.0]).exp2() * 3).realize()
+  assert len(to_program_cache) > kernels
