@@ -12,6 +12,7 @@ from tg_llama.backend import Backend, resolve_backend
 from tg_llama.config import LlamaConfig
 from tg_llama.convert import Checkpoint, check_weights, open_checkpoint
 from tg_llama.generate import Generator, greedy
+from tg_llama.jit_cache import GraphCache, graphs_enabled
 from tg_llama.model import Llama
 from tg_llama.parallel import check_divisible, devices_for, split_axis
 from tg_llama.sampling import Sampler, SamplingParams
@@ -51,6 +52,7 @@ class Model:
     self.greedy_jit = TinyJit(greedy)
     self.sampler = Sampler(1, self.config.vocab_size, backend.device)
     self.sample_jit = TinyJit(self.sampler.__call__)
+    self.graphs: GraphCache | None = None  # the captured graphs on disk; load() sets it unless the graph cache is off
 
   @property
   def max_context(self) -> int: return self.generator.max_context
@@ -62,18 +64,31 @@ class Model:
 
   def logits(self, token_ids: list[int]) -> np.ndarray:
     """The next-token logits after `token_ids` (float32, shape (vocab,))."""
-    return self.generator.prefill(list(token_ids)).numpy()[0]
+    self._load_graphs()
+    logits = self.generator.prefill(list(token_ids)).numpy()[0]
+    if self.graphs is not None: self.graphs.save_new()
+    return logits
 
   def generate(self, token_ids: list[int], max_new_tokens: int = 32, sampling: SamplingParams | None = None,
                stop_ids: frozenset[int] = frozenset()) -> Iterator[int]:
     """Yield up to max_new_tokens new token ids (greedy unless `sampling` says otherwise), using the KV cache;
     a token in stop_ids is yielded and ends the generation."""
     sampling = sampling or SamplingParams()
+    self._load_graphs()
     if sampling.temperature == 0 and sampling.repetition_penalty == 1: sample = self.greedy_jit
     else:
       self.sampler.reset([sampling], [list(token_ids)])
       sample = self.sample_jit
-    return self.generator.generate(list(token_ids), max_new_tokens, sample, stop_ids)
+    return self._saving_graphs(self.generator.generate(list(token_ids), max_new_tokens, sample, stop_ids))
+
+  def _load_graphs(self):
+    # once, at the first call rather than at load: a model changed in between (quantized, say) finds its own graphs
+    if self.graphs is not None: self.graphs.load()
+
+  def _saving_graphs(self, tokens: Iterator[int]) -> Iterator[int]:
+    for token in tokens:
+      if self.graphs is not None: self.graphs.save_new()  # writes only after a JIT captured a graph the file lacks
+      yield token
 
   def stream(self, token_ids: list[int], max_new_tokens: int = 256, sampling: SamplingParams | None = None,
              stop_ids: frozenset[int] | None = None) -> Iterator[Chunk]:
@@ -114,16 +129,20 @@ def _prepare(source, backend, dtype, max_context) -> tuple[Backend, DType, Check
   return be, DTYPES[dtype] if dtype else be.dtype, ckpt, context
 
 def load(source: str | pathlib.Path, backend: str | None = None, dtype: str | None = None, max_context: int | None = None,
-         progress: bool = False, devices: int = 1) -> Model:
+         progress: bool = False, devices: int = 1, graph_cache: bool = True) -> Model:
   """Load a checkpoint (HF dir, Meta dir, GGUF file or a converted dir; the format is detected) onto a backend.
 
   backend: "cpu", "opencl", "cuda", ... (default: TG_LLAMA_BACKEND, else tinygrad's DEV).
   dtype: "float32", "float16" or "bfloat16" (default: the backend's compute dtype).
   max_context: the KV cache size (default: the model's context, capped at 4096).
-  devices: split the model tensor-parallel over this many devices of the backend, from its own on (CUDA:0, CUDA:1, ...)."""
+  devices: split the model tensor-parallel over this many devices of the backend, from its own on (CUDA:0, CUDA:1, ...).
+  graph_cache: reuse the JIT graphs captured by an earlier run of this model (in the backend's cache folder), and save
+  them once captured; TG_LLAMA_GRAPH_CACHE=0 turns it off too."""
   be, compute, ckpt, context = _prepare(source, backend, dtype, max_context)
   devs = devices_for(be.device, devices) if devices > 1 else ()
   if devs: check_divisible(ckpt.config, devices)  # before reading any weights
   llama = Llama(ckpt.config)
   load_weights(llama, ckpt, be.device, compute, progress_bar(f"loading {pathlib.Path(source).name}") if progress else None, devs)
-  return Model(llama, ckpt, be, compute, context, devs)
+  model = Model(llama, ckpt, be, compute, context, devs)
+  if graphs_enabled(graph_cache): model.graphs = GraphCache.for_model(model)
+  return model

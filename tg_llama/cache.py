@@ -1,8 +1,8 @@
 """The per-backend caches on disk (`tg-llama cache`): what each holds, and clearing them.
 
-A backend's folder holds tinygrad's compiled-kernel database (cache.db, with sqlite's -wal and -shm files).
-Clearing one only costs the next run its compile time. tinygrad's own cache (~/.cache/tinygrad, used by
-tinygrad outside tg-llama) is never touched here."""
+A backend's folder holds tinygrad's compiled-kernel database (cache.db, with sqlite's -wal and -shm files) and the
+captured JIT graphs (graphs/*.pkl, see tg_llama/jit_cache.py). Clearing one only costs the next run its compile and
+capture time. tinygrad's own cache (~/.cache/tinygrad, used by tinygrad outside tg-llama) is never touched here."""
 from __future__ import annotations
 import contextlib, pathlib, shutil, sqlite3
 from dataclasses import dataclass
@@ -14,12 +14,13 @@ class CacheInfo:
   path: pathlib.Path
   size: int      # bytes, every file in the folder
   entries: int   # rows in cache.db: compiled kernels (and BEAM results, if BEAM was used)
+  graphs: int = 0  # files of captured JIT graphs, one per model and settings
 
 def list_caches() -> list[CacheInfo]:
   root = cache_root()
   if not root.is_dir(): return []
-  return [CacheInfo(d.name, d, sum(f.stat().st_size for f in d.rglob("*") if f.is_file()), count_entries(d / "cache.db"))
-          for d in sorted(root.iterdir()) if _is_backend_dir(d)]
+  return [CacheInfo(d.name, d, sum(f.stat().st_size for f in d.rglob("*") if f.is_file()), count_entries(d / "cache.db"),
+                    len(list(d.glob("graphs/*.pkl")))) for d in sorted(root.iterdir()) if _is_backend_dir(d)]
 
 def count_entries(db: pathlib.Path) -> int:
   if not db.is_file(): return 0
@@ -32,7 +33,7 @@ def show_caches() -> str:
   caches = list_caches()
   if not caches: return f"no kernel caches yet in {cache_root()}"
   lines = [f"kernel caches in {cache_root()}:"]
-  lines += [f"  {c.backend:<8} {_human(c.size):>9}  {c.entries:>6} entries  {c.path}" for c in caches]
+  lines += [f"  {c.backend:<8} {_human(c.size):>9}  {c.entries:>6} entries  {c.graphs:>3} graphs  {c.path}" for c in caches]
   return "\n".join(lines)
 
 def clear_caches(backend: str | None = None) -> list[pathlib.Path]:

@@ -30,4 +30,5 @@ class Linear:
     self.weight = Tensor.empty(out_features, in_features)
 
   def __call__(self, x: Tensor) -> Tensor:
-    return lanes_matvec(x.contiguous(), self.weight) if one_token(x) else x.linear(self.weight.transpose())
+    # contiguous output: fused into its consumer (gate * up), the matvec loses its vectorized form
+    return lanes_matvec(x.contiguous(), self.weight).contiguous() if one_token(x) else x.linear(self.weight.transpose())
