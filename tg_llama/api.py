@@ -13,7 +13,9 @@ from tg_llama.config import LlamaConfig
 from tg_llama.convert import Checkpoint, check_weights, open_checkpoint
 from tg_llama.generate import Generator, greedy
 from tg_llama.jit_cache import GraphCache, graphs_enabled
+from tg_llama.errors import UnsupportedModelError
 from tg_llama.model import Llama
+from tg_llama.quantize import GGUF_BLOCKS, quantize_model
 from tg_llama.parallel import check_divisible, devices_for, split_axis
 from tg_llama.sampling import Sampler, SamplingParams
 from tg_llama.tokenizer import Tokenizer, load_tokenizer
@@ -129,7 +131,7 @@ def _prepare(source, backend, dtype, max_context) -> tuple[Backend, DType, Check
   return be, DTYPES[dtype] if dtype else be.dtype, ckpt, context
 
 def load(source: str | pathlib.Path, backend: str | None = None, dtype: str | None = None, max_context: int | None = None,
-         progress: bool = False, devices: int = 1, graph_cache: bool = True) -> Model:
+         progress: bool = False, devices: int = 1, graph_cache: bool = True, quantize: str | None = None) -> Model:
   """Load a checkpoint (HF dir, Meta dir, GGUF file or a converted dir; the format is detected) onto a backend.
 
   backend: "cpu", "opencl", "cuda", ... (default: TG_LLAMA_BACKEND, else tinygrad's DEV).
@@ -137,12 +139,19 @@ def load(source: str | pathlib.Path, backend: str | None = None, dtype: str | No
   max_context: the KV cache size (default: the model's context, capped at 4096).
   devices: split the model tensor-parallel over this many devices of the backend, from its own on (CUDA:0, CUDA:1, ...).
   graph_cache: reuse the JIT graphs captured by an earlier run of this model (in the backend's cache folder), and save
-  them once captured; TG_LLAMA_GRAPH_CACHE=0 turns it off too."""
+  them once captured; TG_LLAMA_GRAPH_CACHE=0 turns it off too.
+  quantize: weight-only quantization, "none", "int8", "int4" or "gguf" (a GGUF file's Q8_0/Q4_0/Q4_1 blocks kept as
+  stored, decoded inside the matmul: the same logits, half the bytes per token). Default: "gguf" for such a file
+  on one device, else "none"."""
   be, compute, ckpt, context = _prepare(source, backend, dtype, max_context)
   devs = devices_for(be.device, devices) if devices > 1 else ()
   if devs: check_divisible(ckpt.config, devices)  # before reading any weights
   llama = Llama(ckpt.config)
   load_weights(llama, ckpt, be.device, compute, progress_bar(f"loading {pathlib.Path(source).name}") if progress else None, devs)
+  mode = quantize or ("gguf" if ckpt.format == "gguf" and not devs and set(ckpt.raw_dtypes.values()) & set(GGUF_BLOCKS) else "none")
+  if mode != "none" and devs: raise UnsupportedModelError(f"quantize={mode!r}: quantized layers run on one device; load without devices")
+  quantization = quantize_model(llama, mode, ckpt)  # before any graph is captured or looked up
   model = Model(llama, ckpt, be, compute, context, devs)
+  model.quantization = quantization
   if graphs_enabled(graph_cache): model.graphs = GraphCache.for_model(model)
   return model

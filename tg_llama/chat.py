@@ -41,7 +41,7 @@ class ChatSession:
     """Stream the answer to `out`; returns (tokens generated, seconds). Ctrl-C keeps what was said so far."""
     self.turns.append({"role": "user", "content": user_text})
     try: ids, dropped = self.fit()
-    except ContextLengthError:
+    except (ContextLengthError, KeyboardInterrupt):  # no answer: the question goes too
       self.turns.pop()
       raise
     if dropped: print(f"[dropped the {dropped} oldest messages to stay inside the context of {self.model.max_context} tokens]", file=sys.stderr)
@@ -83,6 +83,9 @@ def run_chat(model: Model, session: ChatSession, show_stats: bool = False, inp: 
     try: n, seconds = session.reply(line, out)
     except ContextLengthError as e:
       print(f"error: {e}", file=sys.stderr)
+      continue
+    except KeyboardInterrupt:  # before the answer began streaming
+      out.write(" [stopped]\n")
       continue
     if show_stats and seconds > 0: print(f"[{n} tokens in {seconds:.2f} s, {n / seconds:.1f} tokens/s]", file=sys.stderr)
   if interactive: out.write("\n")

@@ -9,6 +9,9 @@ def add_model_args(p: argparse.ArgumentParser):
   p.add_argument("--backend", help="cpu, opencl, cuda, nv, amd, metal (default: $TG_LLAMA_BACKEND, else tinygrad's $DEV, else the best found)")
   p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="compute dtype (default: the backend's)")
   p.add_argument("--max-context", type=int, default=None, help="KV cache size in tokens (default: the model's, at most 4096)")
+  p.add_argument("--quantize", choices=["none", "int8", "int4", "gguf"], default=None,
+                 help="weight-only quantization (default: gguf for a GGUF file with Q8_0/Q4_x blocks: kept as stored, "
+                      "decoded in the matmul; else none)")
   p.add_argument("--devices", type=int, default=1, help="split the model tensor-parallel over this many devices of the backend (default 1)")
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float):
@@ -31,7 +34,8 @@ def load_model(args):
   from tg_llama.assets import resolve_model
   path = resolve_model(args.model)
   start = time.perf_counter()
-  model = load(path, backend=args.backend, dtype=args.dtype, max_context=args.max_context, progress=True, devices=args.devices)
+  model = load(path, backend=args.backend, dtype=args.dtype, max_context=args.max_context, progress=True, devices=args.devices,
+               quantize=args.quantize)
   print(f"loaded {path.name} on {model.backend.device} ({model.dtype.name}) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
   return model
 

@@ -1,0 +1,49 @@
+"""`tg-llama bench` runs end to end on a tiny random model and reports every field (no timing assertions:
+speeds on a shared machine say nothing about correctness)."""
+import importlib.util, inspect, json
+import pytest
+import tg_llama
+from tg_llama.bench import main
+from tg_llama.errors import TgLlamaError
+from tiny_models import hf_model, write_hf
+
+FAST = ["--prompt-tokens", "8", "--gen-tokens", "3", "--runs", "1"]
+FIELDS = {"load_s", "ttft_cold_s", "ttft_warm_s", "prefill_tok_s", "decode_tok_s", "decode_tok_s_runs"}
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory): return write_hf(hf_model("gqa_tied"), tmp_path_factory.mktemp("bench") / "hf")
+
+def run_json(capsys, argv: list[str]) -> dict:
+  assert main(argv + ["--json"]) == 0
+  return json.loads(capsys.readouterr().out)
+
+def test_json_fields(tiny, capsys):
+  out = run_json(capsys, ["--model", str(tiny), *FAST, "--compare", "transformers", "--compare", "llama.cpp"])
+  assert {"model", "prompt_tokens", "gen_tokens", "runs", "machine_copy_gb_s", "bandwidth_pct", "ours", "compare"} <= set(out)
+  ours = out["ours"]
+  assert FIELDS | {"peak_rss_mb", "bytes_per_token", "achieved_gb_s", "device", "dtype", "quantize"} <= set(ours)
+  assert ours["quantize"] == "none" and ours["dtype"] == "float32"
+  assert all(ours[k] > 0 for k in ("ttft_cold_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mb", "machine_copy_gb_s") if k in ours)
+  assert out["machine_copy_gb_s"] > 0 and len(ours["decode_tok_s_runs"]) == 1
+  # weights (fp32, the tied head counted once) and the KV cache at the mean position: a lower bound to check the count
+  c = tg_llama.load(tiny).config
+  assert ours["bytes_per_token"] > 4 * c.n_layers * (2 * c.dim * c.dim + 3 * c.dim * c.hidden_dim) + 4 * c.vocab_size * c.dim
+  peers = {p["name"]: p for p in out["compare"]}
+  assert FIELDS <= set(peers["transformers"])
+  if importlib.util.find_spec("llama_cpp") is None: assert "pip install llama-cpp-python" in peers["llama.cpp"]["skipped"]
+  else: assert "directory" in peers["llama.cpp"]["skipped"]  # llama.cpp runs GGUF files only
+
+def test_table(tiny, capsys):
+  assert main(["--model", str(tiny), *FAST]) == 0
+  out = capsys.readouterr().out
+  assert "decode tok/s" in out and "tg-llama" in out and "numpy copy" in out
+
+def test_quantize_flag(tiny, capsys):
+  argv = ["--model", str(tiny), *FAST, "--quantize", "int8"]
+  if "quantize" in inspect.signature(tg_llama.load).parameters: assert run_json(capsys, argv)["ours"]["quantize"] == "int8"
+  else:
+    with pytest.raises(TgLlamaError, match="quantize"): main(argv)
+
+def test_bad_arguments():
+  with pytest.raises(SystemExit): main(["--gen-tokens", "1"])
+  with pytest.raises(SystemExit): main(["--quantize", "int3"])

@@ -1,0 +1,186 @@
+"""`tg-llama bench`: prefill and decode speed, time to first token, peak memory and memory bandwidth, in one
+table, optionally next to Hugging Face transformers and llama.cpp running the same weights in the same process.
+
+What is measured, on a synthetic prompt of `--prompt-tokens` ids (the speed does not depend on the text):
+  ttft cold   the first generate() of this process: prefill + first token, JIT capture and kernel compiles
+              included (compiled kernels come from tinygrad's disk cache when an earlier run left them there)
+  ttft warm   the same after warm-up; prefill tokens/s = prompt tokens / ttft warm
+  decode      (gen tokens - 1) / time from the first token to the last, greedy; the median of `--runs`
+  bandwidth   bytes read per decoded token (every weight but the embedding table, one embedding row, and the
+              KV cache at the mean position) x decode tokens/s, next to a large numpy copy's (read + write) rate
+Speeds vary by 30% or more between runs on a shared machine: compare rows of one run, not across runs.
+
+Not here: text quality (see the tests), batching, sampling other than greedy, timing assertions."""
+from __future__ import annotations
+import argparse, json, pathlib, resource, statistics, time
+import numpy as np
+
+COMPARE = ("transformers", "llama.cpp")
+# the native build crashes (illegal instruction) on CPUs that report AMX: name the features, AMX off (~8 min on 2 cores)
+LLAMA_CPP_INSTALL = ('CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_BMI2=ON -DGGML_FMA=ON -DGGML_F16C=ON '
+                     '-DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON '
+                     '-DGGML_AMX_TILE=OFF -DGGML_AMX_INT8=OFF -DGGML_AMX_BF16=OFF" pip install llama-cpp-python')
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+  p = argparse.ArgumentParser(prog="tg-llama bench", description=__doc__.split("\n\n")[0])
+  p.add_argument("--model", help="a GGUF file or a checkpoint directory (default: the bundled SmolLM2-135M-Instruct)")
+  p.add_argument("--backend", help="cpu, opencl, cuda, ... (default: $TG_LLAMA_BACKEND, else tinygrad's $DEV)")
+  p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="compute dtype (default: the backend's)")
+  p.add_argument("--quantize", choices=["none", "int8", "int4", "gguf"], default=None,
+                 help="weight-only quantization (gguf: keep a GGUF file's Q8_0/Q4_0/Q4_1 blocks as stored; "
+                      "default: gguf for such a file, else none)")
+  p.add_argument("--prompt-tokens", type=int, default=256)
+  p.add_argument("--gen-tokens", type=int, default=128)
+  p.add_argument("--runs", type=int, default=3, help="timed runs after the warm-up (the median is reported)")
+  p.add_argument("--compare", action="append", choices=COMPARE, default=[], help="also time this peer (repeatable)")
+  p.add_argument("--json", action="store_true", help="print the results as one JSON object instead of a table")
+  args = p.parse_args(argv)
+  for name in ("prompt_tokens", "gen_tokens", "runs"):
+    if getattr(args, name) < 1: p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+  if args.gen_tokens < 2: p.error(f"--gen-tokens must be at least 2 to time decoding, got {args.gen_tokens}")
+  return args
+
+def synthetic_prompt(n: int, vocab: int, run: int) -> list[int]:
+  """Deterministic ids; each run starts with a different token so no run reuses another's cached prefix."""
+  return [(run * 7919 + i * 104729) % (vocab - 256) + 256 for i in range(n)]
+
+def peak_rss_mb() -> float: return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+def machine_copy_gb_s(nbytes: int = 256 << 20, repeats: int = 5) -> float:
+  """A plain large numpy copy: (read + write) bytes per second, the best of a few."""
+  a = np.ones(nbytes // 4, dtype=np.float32)
+  b = np.empty_like(a)
+  best = float("inf")
+  for _ in range(repeats):
+    start = time.perf_counter()
+    np.copyto(b, a)
+    best = min(best, time.perf_counter() - start)
+  return 2 * nbytes / best / 1e9
+
+def timed_generate(generate, prompt: list[int], gen_tokens: int) -> tuple[float, float]:
+  """(time to first token, decode tokens/s after it) of one greedy generation."""
+  start = time.perf_counter()
+  first = end = None
+  n = 0
+  for _ in generate(prompt, gen_tokens):
+    n += 1
+    end = time.perf_counter()
+    if first is None: first = end
+  return first - start, (n - 1) / (end - first)
+
+def bytes_per_token(model, context: float) -> int:
+  """Weights read to decode one token: every parameter but the embedding table (one row of it), plus the KV cache."""
+  llama, c = model.llama, model.config
+  params = {id(t): t for name, t in llama.weights().items() if name != "model.embed_tokens.weight"}
+  total = sum(t.nbytes() for t in params.values())
+  embed = llama.embed_tokens.weight
+  if id(embed) not in params: total += c.dim * embed.dtype.itemsize
+  kv = 2 * c.n_layers * c.n_kv_heads * c.head_dim * model.dtype.itemsize
+  return int(total + kv * context)
+
+def load_ours(args, path: pathlib.Path, max_context: int):
+  import tg_llama
+  return tg_llama.load(path, backend=args.backend, dtype=args.dtype, max_context=max_context, quantize=args.quantize)
+
+def bench_ours(args, path: pathlib.Path) -> dict:
+  P, G = args.prompt_tokens, args.gen_tokens
+  start = time.perf_counter()
+  model = load_ours(args, path, max_context=P + G)
+  load_s = time.perf_counter() - start
+  vocab = model.config.vocab_size
+  ttft_cold, _ = timed_generate(model.generate, synthetic_prompt(P, vocab, 0), G)  # also the warm-up: JITs captured
+  timed = [timed_generate(model.generate, synthetic_prompt(P, vocab, run), G) for run in range(1, args.runs + 1)]
+  ttft_warm, decode = statistics.median(t for t, _ in timed), statistics.median(d for _, d in timed)
+  nbytes = bytes_per_token(model, P + G / 2)
+  dtype = {"float": "float32", "half": "float16", "__bf16": "bfloat16"}.get(model.dtype.name, model.dtype.name)
+  return {"name": "tg-llama", "device": model.backend.device, "dtype": dtype, "quantize": model.quantization["mode"],
+          "load_s": load_s, "ttft_cold_s": ttft_cold, "ttft_warm_s": ttft_warm, "prefill_tok_s": P / ttft_warm,
+          "decode_tok_s": decode, "decode_tok_s_runs": [d for _, d in timed], "peak_rss_mb": peak_rss_mb(), "vocab_size": vocab,
+          "bytes_per_token": nbytes, "achieved_gb_s": nbytes * decode / 1e9}
+
+def bench_transformers(args, path: pathlib.Path, vocab: int) -> dict:
+  try:
+    import torch
+    from transformers import AutoModelForCausalLM
+  except ImportError:
+    return {"name": "transformers", "skipped": "not installed: pip install torch==2.13.0 transformers accelerate gguf"}
+  torch.set_num_threads(2)
+  start = time.perf_counter()
+  if path.is_file(): hf = AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32)
+  elif (path / "config.json").is_file(): hf = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32)
+  else: return {"name": "transformers", "skipped": f"{path} is neither a GGUF file nor an HF directory"}
+  hf.eval()
+  load_s = time.perf_counter() - start
+
+  def generate(prompt, n):
+    with torch.no_grad():
+      out = hf(torch.tensor([prompt]), use_cache=True)
+      for i in range(n):
+        token = out.logits[0, -1].argmax().view(1, 1)
+        yield int(token)
+        if i < n - 1: out = hf(token, past_key_values=out.past_key_values, use_cache=True)
+  return _peer_runs("transformers", generate, args, vocab, load_s)
+
+def bench_llama_cpp(args, path: pathlib.Path, vocab: int) -> dict:
+  try: import llama_cpp
+  except ImportError: return {"name": "llama.cpp", "skipped": f"llama_cpp is not installed: {LLAMA_CPP_INSTALL}"}
+  if not path.is_file(): return {"name": "llama.cpp", "skipped": f"llama.cpp runs GGUF files; {path} is a directory"}
+  start = time.perf_counter()
+  llm = llama_cpp.Llama(model_path=str(path), n_ctx=args.prompt_tokens + args.gen_tokens + 8, n_batch=args.prompt_tokens,
+                        n_threads=2, verbose=False)
+  load_s = time.perf_counter() - start
+  ctx = llm._ctx.ctx  # the raw llama_context, for the C API below
+
+  def generate(prompt, n):
+    llm.reset()
+    tokens = prompt
+    for i in range(n):
+      llm.eval(tokens)
+      llama_cpp.llama_synchronize(ctx)  # decoding is asynchronous: without this the clock stops early
+      logits = np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, -1), shape=(llm.n_vocab(),))
+      token = int(logits.argmax())
+      yield token
+      tokens = [token]
+  return _peer_runs("llama.cpp", generate, args, vocab, load_s)
+
+def _peer_runs(name: str, generate, args, vocab: int, load_s: float) -> dict:
+  P, G = args.prompt_tokens, args.gen_tokens
+  ttft_cold, _ = timed_generate(generate, synthetic_prompt(P, vocab, 0), G)
+  timed = [timed_generate(generate, synthetic_prompt(P, vocab, run), G) for run in range(1, args.runs + 1)]
+  ttft_warm, decode = statistics.median(t for t, _ in timed), statistics.median(d for _, d in timed)
+  return {"name": name, "load_s": load_s, "ttft_cold_s": ttft_cold, "ttft_warm_s": ttft_warm, "prefill_tok_s": P / ttft_warm,
+          "decode_tok_s": decode, "decode_tok_s_runs": [d for _, d in timed]}
+
+def table(result: dict) -> str:
+  ours, copy = result["ours"], result["machine_copy_gb_s"]
+  rows = [("", "prefill tok/s", "decode tok/s", "ttft cold s", "ttft warm s", "peak RSS MB", "decode GB/s")]
+  rows.append((f"tg-llama {ours['device']} {ours['dtype']} quantize={ours['quantize']}", f"{ours['prefill_tok_s']:.1f}",
+               f"{ours['decode_tok_s']:.1f}", f"{ours['ttft_cold_s']:.2f}", f"{ours['ttft_warm_s']:.2f}", f"{ours['peak_rss_mb']:.0f}",
+               f"{ours['achieved_gb_s']:.2f} ({100 * ours['achieved_gb_s'] / copy:.0f}% of {copy:.1f})"))
+  notes = []
+  for peer in result["compare"]:
+    if "skipped" in peer:
+      notes.append(f"{peer['name']}: {peer['skipped']}")
+      continue
+    rows.append((f"{peer['name']} (x ours)", f"{peer['prefill_tok_s']:.1f} (x{peer['prefill_tok_s'] / ours['prefill_tok_s']:.2f})",
+                 f"{peer['decode_tok_s']:.1f} (x{peer['decode_tok_s'] / ours['decode_tok_s']:.2f})",
+                 f"{peer['ttft_cold_s']:.2f}", f"{peer['ttft_warm_s']:.2f}", "-", "-"))
+  widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+  lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
+  head = (f"{result['model']}: {result['prompt_tokens']}-token prompt, {result['gen_tokens']} new tokens, median of {result['runs']} runs; "
+          f"load {ours['load_s']:.1f} s; {ours['bytes_per_token'] / 1e6:.0f} MB read per decoded token; "
+          f"numpy copy {copy:.1f} GB/s (read + write)")
+  return "\n".join([head, *lines, *notes, "peers run in the same process: their memory is not separable (-); speeds vary by 30% between runs"])
+
+def main(argv: list[str] | None = None) -> int:
+  args = parse_args(argv)
+  from tg_llama.assets import default_model_path
+  path = pathlib.Path(args.model).expanduser() if args.model else default_model_path()
+  ours = bench_ours(args, path)
+  copy = machine_copy_gb_s()  # after ours: its arrays would otherwise be in our peak RSS
+  result = {"model": str(path), "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "runs": args.runs,
+            "machine_copy_gb_s": copy, "bandwidth_pct": 100 * ours["achieved_gb_s"] / copy, "ours": ours, "compare": []}
+  for peer in dict.fromkeys(args.compare):
+    result["compare"].append((bench_transformers if peer == "transformers" else bench_llama_cpp)(args, path, ours["vocab_size"]))
+  print(json.dumps(result, indent=2) if args.json else table(result))
+  return 0

@@ -1,0 +1,200 @@
+"""Weight-only quantized linear layers, each next to the code that packs its weights, and `quantize_model`
+that swaps them into a loaded Llama.
+
+  Int8Linear   int8 weights, symmetric, one float scale per output row (or per block of `group_size`, GGUF's Q8_0)
+  Int4Linear   4-bit weights in blocks of `group_size`, asymmetric (scale and min per block), two per byte in
+               GGUF Q4_1's order: byte j of a block holds element j (low nibble) and element j+group/2 (high)
+
+GGUF's Q8_0, Q4_0 and Q4_1 blocks map onto these layouts exactly (Q4_0 is Q4_1 with min = -8*scale), so
+mode "gguf" keeps a GGUF file's weights as stored: bit for bit the same values, decoded inside the matmul.
+Scales are kept in float32 (GGUF stores float16): tinygrad's CPU kernels convert half per element, which
+made the int4 matvec twice as slow.
+
+Every layer dequantizes inside its matmul; the float weight is never materialized. One token (decode) uses
+tg_llama/linear.py's "lanes" matrix-vector product, whose A independent accumulators clang vectorizes
+(DEV=CPU, 49152x576, int8: 2.2 ms vs 9 ms as `(x @ w.T) * scale`, whose int8 -> float conversion runs in one
+serial chain); several tokens (prefill) use a plain matmul on the dequantized expression, which tinygrad fuses.
+Measured on SmolLM2-135M decode, DEV=CPU: float 11-19, int8/int4/gguf 29-35 tokens/s; with BEAM=2 on the
+decode kernels 19 vs 49 tokens/s. Only the CPU has been measured.
+
+Not here: activation quantization (W8A8 with an int32 dot measured slower than float accumulation in
+tinygrad 0.14), quantized embeddings (the token embedding stays float; a tied output head gets its own
+quantized copy), tensor parallelism (scales would have to be split alongside the weights), writing quantized
+checkpoints (`quantize_model` returns the dict to record in their config)."""
+from __future__ import annotations
+from typing import Callable
+from tinygrad import Tensor, dtypes
+from tg_llama import linear
+from tg_llama.convert import LAYER_NAMES, interleaved_to_half_split
+from tg_llama.errors import UnsupportedModelError
+from tg_llama.formats import gguf
+from tg_llama.linear import one_token
+
+MODES = ("none", "int8", "int4", "gguf")
+
+def _matvec(x: Tensor, w: Tensor, lanes: int | None = None, scale: Tensor | None = None) -> Tensor:
+  """tg_llama.linear's lanes product (x of one row, w (N, K) any expression: the dequantization fuses in),
+  with `lanes` settable (one block of a grouped weight per lane step measured 4.8 ms vs 7-8 ms with 64 lanes
+  at 49152x576) and with the input and the output made contiguous: otherwise tinygrad fuses the previous
+  elementwise op (SwiGLU's silu * up) into the load and recomputes it for every output row, or fuses gate and
+  up (one input) into one slower kernel (SmolLM2 int8 decode: 31 ms of kernels per token without, 21 ms with).
+  `scale` (N,) multiplies each output inside the same kernel."""
+  (N, K), A = w.shape, lanes or linear.lanes(w.shape[1])
+  y = (x.contiguous().reshape(*x.shape[:-1], 1, K // A, A) * w.reshape(N, K // A, A)).sum(-2).sum(-1)
+  return (y if scale is None else y * scale).contiguous()
+
+class Int8Linear:
+  """y = x @ (weight * scale).T with weight int8 (out, in) and scale float32 (out, in // group_size);
+  group_size None: one scale per output row."""
+  def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int | None = None):
+    if bias: raise ValueError("Int8Linear has no bias (Llama's linears have none)")
+    self.group_size = group_size or in_features
+    if in_features % self.group_size: raise ValueError(f"in_features={in_features} is not a multiple of group_size={group_size}")
+    self.weight = Tensor.empty(out_features, in_features, dtype=dtypes.int8)
+    self.scale = Tensor.empty(out_features, in_features // self.group_size, dtype=dtypes.float32)
+
+  def __call__(self, x: Tensor) -> Tensor:
+    (N, K), G = self.weight.shape, self.group_size
+    if G == K and one_token(x):  # one scale per row: applied once to each dot product
+      return _matvec(x, self.weight.cast(x.dtype), scale=self.scale[:, 0].cast(x.dtype))
+    w = (self.weight.cast(x.dtype).reshape(N, K // G, G) * self.scale.cast(x.dtype).unsqueeze(-1)).reshape(N, K)
+    return _matvec(x, w, lanes=G) if one_token(x) else x @ w.T  # a block per lane step: one scale per step
+
+  @staticmethod
+  def quantize(w: Tensor, group_size: int | None = None) -> dict[str, Tensor]:
+    """Symmetric round-to-nearest: scale = max|w| / 127 per row (or block), weight = round(w / scale)."""
+    N, K = w.shape
+    G = group_size or K
+    blocks = w.float().reshape(N, K // G, G)
+    scale = blocks.abs().max(-1) / 127
+    scale = (scale == 0).where(1.0, scale)  # an all-zero block: any scale decodes it
+    q = (blocks / scale.unsqueeze(-1)).round().clip(-127, 127).cast(dtypes.int8)
+    return {"weight": q.reshape(N, K), "scale": scale}
+
+class Int4Linear:
+  """y = x @ (q * scale + min).T, q in 0..15 packed two per uint8 (out, in/group, group/2), Q4_1's nibble order;
+  scale and min float32 (out, in // group_size)."""
+  def __init__(self, in_features: int, out_features: int, bias: bool = False, group_size: int = 32):
+    if bias: raise ValueError("Int4Linear has no bias (Llama's linears have none)")
+    if group_size % 2 or in_features % group_size:
+      raise ValueError(f"group_size={group_size} must be even and divide in_features={in_features}")
+    self.group_size = group_size
+    self.weight = Tensor.empty(out_features, in_features // group_size, group_size // 2, dtype=dtypes.uint8)
+    self.scale = Tensor.empty(out_features, in_features // group_size, dtype=dtypes.float32)
+    self.min = Tensor.empty(out_features, in_features // group_size, dtype=dtypes.float32)
+
+  def __call__(self, x: Tensor) -> Tensor:
+    N, B, H = self.weight.shape  # rows, blocks per row, bytes per block
+    lo, hi = self.weight.bitwise_and(0xF).cast(x.dtype), self.weight.rshift(4).cast(x.dtype)
+    scale, mn = self.scale.cast(x.dtype).unsqueeze(-1), self.min.cast(x.dtype).unsqueeze(-1)
+    if not one_token(x): return x @ (lo.cat(hi, dim=-1) * scale + mn).reshape(N, B * 2 * H).T
+    # one token: the H bytes of a block are the lanes, each byte read once for its two weights (see _matvec)
+    xs = x.contiguous().reshape(*x.shape[:-1], 1, B, 2 * H)
+    return (xs[..., :H] * (lo * scale + mn) + xs[..., H:] * (hi * scale + mn)).sum(-2).sum(-1).contiguous()
+
+  @staticmethod
+  def quantize(w: Tensor, group_size: int = 32) -> dict[str, Tensor]:
+    """Asymmetric round-to-nearest per block: min = min(w), scale = (max(w) - min) / 15, q = round((w - min) / scale)."""
+    N, K = w.shape
+    blocks = w.float().reshape(N, K // group_size, group_size)
+    mn = blocks.min(-1)
+    scale = (blocks.max(-1) - mn) / 15
+    scale = (scale == 0).where(1.0, scale)  # a constant block: q = 0 decodes to min
+    q = ((blocks - mn.unsqueeze(-1)) / scale.unsqueeze(-1)).round().clip(0, 15).cast(dtypes.uint8)
+    return {"weight": q[..., :group_size // 2].bitwise_or(q[..., group_size // 2:].lshift(4)), "scale": scale, "min": mn}
+
+# ---- GGUF blocks as stored (spec: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md; layouts in ggml-common.h) ----
+
+GGUF_BLOCKS = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}  # bytes per block of 32 weights
+
+def from_gguf_blocks(raw: Tensor, ggml_type: str, shape: tuple[int, int]) -> tuple[type, dict[str, Tensor]]:
+  """Split raw GGUF blocks (uint8, row-major over `shape`) into a layer class and its parameters, without
+  rounding anything: Q8_0 = {f16 d, int8 q[32]}; Q4_0 = {f16 d, u8 qs[16]} meaning (q - 8) * d;
+  Q4_1 = {f16 d, f16 m, u8 qs[16]} meaning q * d + m."""
+  N, K = shape
+  blocks = raw.reshape(N, K // 32, GGUF_BLOCKS[ggml_type])
+  d = blocks[..., 0:2].contiguous().bitcast(dtypes.float16).reshape(N, K // 32).cast(dtypes.float32)
+  if ggml_type == "Q8_0": return Int8Linear, {"weight": blocks[..., 2:].contiguous().bitcast(dtypes.int8).reshape(N, K), "scale": d}
+  if ggml_type == "Q4_0": return Int4Linear, {"weight": blocks[..., 2:], "scale": d, "min": d * -8}
+  m = blocks[..., 2:4].contiguous().bitcast(dtypes.float16).reshape(N, K // 32).cast(dtypes.float32)
+  return Int4Linear, {"weight": blocks[..., 4:], "scale": d, "min": m}
+
+# ---- swapping layers into a model ----
+
+def linear_for(mode: str) -> Callable:
+  """The Linear class for `Llama(config, linear=...)` when building a model to fill with quantized parameters."""
+  return {"none": linear.Linear, "int8": Int8Linear, "int4": Int4Linear}[_check_mode(mode, ("none", "int8", "int4"))]
+
+def build_layer(cls: type, params: dict[str, Tensor], shape: tuple[int, int], **kwargs):
+  """A layer of class `cls` for a weight of `shape` (out, in), holding `params` (checked, realized)."""
+  layer = cls(shape[1], shape[0], **kwargs)
+  for name, t in params.items():
+    want = getattr(layer, name)
+    if t.shape != want.shape or t.dtype != want.dtype:
+      raise ValueError(f"{cls.__name__}.{name}: got {t.shape} {t.dtype}, the layer needs {want.shape} {want.dtype}")
+    setattr(layer, name, t.contiguous().realize())
+  return layer
+
+def quantize_model(llama, mode: str, checkpoint=None) -> dict:
+  """Swap every linear of a loaded `llama` (tg_llama.model.Llama) for a quantized one, in place, and return the
+  quantization to record in a saved config. "int8"/"int4" quantize the loaded float weights; "gguf" takes each
+  weight's blocks from `checkpoint` (a GGUF tg_llama.convert.Checkpoint) when they are Q8_0, Q4_0 or Q4_1 and
+  leaves other weights float. The token embedding is not touched."""
+  _check_mode(mode, MODES)
+  if mode == "none": return {"mode": "none"}
+  if mode == "gguf" and (checkpoint is None or checkpoint.format != "gguf"):
+    got = f"a {checkpoint.format} checkpoint" if checkpoint else "no checkpoint"
+    raise ValueError(f"quantize mode 'gguf' keeps a GGUF file's blocks: load a GGUF file (got {got})")
+  if any(isinstance(getattr(parent, attr).weight.device, tuple) for _, parent, attr in linears(llama)):
+    raise UnsupportedModelError("quantized layers run on one device: load without --devices to quantize")
+  raw = _GGUFBlocks(checkpoint) if mode == "gguf" else None
+  kept: dict[str, str] = {}
+  for name, parent, attr in linears(llama):
+    w = getattr(parent, attr).weight
+    shape = tuple(w.shape)
+    if mode == "int8": new = build_layer(Int8Linear, Int8Linear.quantize(w), shape)
+    elif mode == "int4": new = build_layer(Int4Linear, Int4Linear.quantize(w), shape)
+    else:
+      kept[name] = checkpoint.raw_dtypes[f"{name}.weight"]
+      if kept[name] not in GGUF_BLOCKS: continue
+      cls, params = raw.layer_params(name, shape, w.device)
+      new = build_layer(cls, params, shape, **({"group_size": 32} if cls is Int8Linear else {}))
+    setattr(parent, attr, new)
+  if mode == "int8": return {"mode": "int8", "bits": 8, "group_size": None}
+  if mode == "int4": return {"mode": "int4", "bits": 4, "group_size": 32}
+  return {"mode": "gguf", "types": kept}
+
+def linears(llama) -> list[tuple[str, object, str]]:
+  """(canonical name, parent module, attribute) for every linear of the model shard."""
+  out = []
+  for i, block in llama.layers.items():
+    for part, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj"))):
+      out += [(f"model.layers.{i}.{part}.{n}", getattr(block, part), n) for n in names]
+  if llama.is_last: out.append(("lm_head", llama, "lm_head"))
+  return out
+
+class _GGUFBlocks:
+  """The raw blocks of a GGUF checkpoint's weights, under canonical names, q/k rows in the half-split order."""
+  def __init__(self, checkpoint):
+    _, self.infos, self.disk = gguf.read_gguf(checkpoint.path)
+    self.config = checkpoint.config
+
+  def gguf_name(self, name: str) -> str:
+    """The file's name for a linear's weight (tg_llama/convert.py's tables, read backwards)."""
+    if name == "lm_head": return "output.weight" if "output.weight" in self.infos else "token_embd.weight"  # tied
+    _, _, i, suffix = name.split(".", 3)
+    return f"blk.{i}.{LAYER_NAMES[suffix + '.weight'][0]}"
+
+  def layer_params(self, name: str, shape: tuple[int, int], device: str) -> tuple[type, dict[str, Tensor]]:
+    info = self.infos[self.gguf_name(name)]
+    if tuple(info.shape) != shape: raise ValueError(f"{info.name}: shape {tuple(info.shape)} in the file, the model needs {shape}")
+    raw = self.disk[info.offset:info.offset + info.nbytes].to(device)
+    cls, params = from_gguf_blocks(raw, gguf.ggml_type_name(info.ggml_type), shape)
+    # llama.cpp stores q and k rows in the interleaved rotary order; whole rows move, so blocks move with them
+    heads = self.config.n_heads if name.endswith("q_proj") else self.config.n_kv_heads if name.endswith("k_proj") else 0
+    if heads: params = {k: interleaved_to_half_split(v.reshape(shape[0], -1), heads).reshape(v.shape) for k, v in params.items()}
+    return cls, params
+
+def _check_mode(mode: str, allowed: tuple[str, ...]) -> str:
+  if mode not in allowed: raise ValueError(f"unknown quantize mode {mode!r}; choose one of {', '.join(allowed)}")
+  return mode
