@@ -16,12 +16,16 @@ def lanes(n: int) -> int:
 
 def one_token(x: Tensor) -> bool: return all(isinstance(s, int) for s in x.shape[:-1]) and prod(x.shape[:-1]) == 1
 
-def lanes_matvec(x: Tensor, w: Tensor) -> Tensor:
-  """x (..., K) with one row, w (N, K) of any dtype: x @ w.T, the reduction split into lanes."""
+def lanes_matvec(x: Tensor, w: Tensor, n_lanes: int | None = None, scale: Tensor | None = None) -> Tensor:
+  """x (..., K) with one row, w (N, K) of any dtype or a dequantizing expression: x @ w.T, the reduction split into
+  `n_lanes` (default: the widest that divides K), times `scale` (N,) inside the same kernel when given.
+  Input and output are made contiguous: otherwise tinygrad fuses the previous elementwise op (SwiGLU's silu * up)
+  into the load and recomputes it for every output row, or fuses gate and up (one input) into one slower kernel."""
   (N, K) = w.shape
   # a weight split over devices on its input axis: each device's part of the reduction splits into lanes
-  A = lanes(K // len(w.device) if isinstance(w.device, tuple) and w.uop.axis == 1 else K)
-  return (x.reshape(*x.shape[:-1], 1, K // A, A) * w.cast(x.dtype).reshape(N, K // A, A)).sum(-2).sum(-1)
+  A = n_lanes or lanes(K // len(w.device) if isinstance(w.device, tuple) and w.uop.axis == 1 else K)
+  y = (x.contiguous().reshape(*x.shape[:-1], 1, K // A, A) * w.cast(x.dtype).reshape(N, K // A, A)).sum(-2).sum(-1)
+  return (y if scale is None else y * scale).contiguous()
 
 class Linear:
   """y = x @ weight.T, weight (out, in); no bias (Llama's linears have none)."""
@@ -30,5 +34,4 @@ class Linear:
     self.weight = Tensor.empty(out_features, in_features)
 
   def __call__(self, x: Tensor) -> Tensor:
-    # contiguous output: fused into its consumer (gate * up), the matvec loses its vectorized form
-    return lanes_matvec(x.contiguous(), self.weight).contiguous() if one_token(x) else x.linear(self.weight.transpose())
+    return lanes_matvec(x, self.weight) if one_token(x) else x.linear(self.weight.transpose())

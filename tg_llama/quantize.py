@@ -24,24 +24,12 @@ checkpoints (`quantize_model` returns the dict to record in their config)."""
 from __future__ import annotations
 from typing import Callable
 from tinygrad import Tensor, dtypes
-from tg_llama import linear
 from tg_llama.convert import LAYER_NAMES, interleaved_to_half_split
 from tg_llama.errors import UnsupportedModelError
 from tg_llama.formats import gguf
-from tg_llama.linear import one_token
+from tg_llama.linear import Linear, lanes_matvec, one_token
 
 MODES = ("none", "int8", "int4", "gguf")
-
-def _matvec(x: Tensor, w: Tensor, lanes: int | None = None, scale: Tensor | None = None) -> Tensor:
-  """tg_llama.linear's lanes product (x of one row, w (N, K) any expression: the dequantization fuses in),
-  with `lanes` settable (one block of a grouped weight per lane step measured 4.8 ms vs 7-8 ms with 64 lanes
-  at 49152x576) and with the input and the output made contiguous: otherwise tinygrad fuses the previous
-  elementwise op (SwiGLU's silu * up) into the load and recomputes it for every output row, or fuses gate and
-  up (one input) into one slower kernel (SmolLM2 int8 decode: 31 ms of kernels per token without, 21 ms with).
-  `scale` (N,) multiplies each output inside the same kernel."""
-  (N, K), A = w.shape, lanes or linear.lanes(w.shape[1])
-  y = (x.contiguous().reshape(*x.shape[:-1], 1, K // A, A) * w.reshape(N, K // A, A)).sum(-2).sum(-1)
-  return (y if scale is None else y * scale).contiguous()
 
 class Int8Linear:
   """y = x @ (weight * scale).T with weight int8 (out, in) and scale float32 (out, in // group_size);
@@ -56,9 +44,10 @@ class Int8Linear:
   def __call__(self, x: Tensor) -> Tensor:
     (N, K), G = self.weight.shape, self.group_size
     if G == K and one_token(x):  # one scale per row: applied once to each dot product
-      return _matvec(x, self.weight.cast(x.dtype), scale=self.scale[:, 0].cast(x.dtype))
+      return lanes_matvec(x, self.weight, scale=self.scale[:, 0].cast(x.dtype))
     w = (self.weight.cast(x.dtype).reshape(N, K // G, G) * self.scale.cast(x.dtype).unsqueeze(-1)).reshape(N, K)
-    return _matvec(x, w, lanes=G) if one_token(x) else x @ w.T  # a block per lane step: one scale per step
+    # a block per lane step (one scale per step): measured 4.8 ms vs 7-8 ms with 64 lanes at 49152x576
+    return lanes_matvec(x, w, n_lanes=G) if one_token(x) else x @ w.T
 
   @staticmethod
   def quantize(w: Tensor, group_size: int | None = None) -> dict[str, Tensor]:
@@ -88,7 +77,7 @@ class Int4Linear:
     lo, hi = self.weight.bitwise_and(0xF).cast(x.dtype), self.weight.rshift(4).cast(x.dtype)
     scale, mn = self.scale.cast(x.dtype).unsqueeze(-1), self.min.cast(x.dtype).unsqueeze(-1)
     if not one_token(x): return x @ (lo.cat(hi, dim=-1) * scale + mn).reshape(N, B * 2 * H).T
-    # one token: the H bytes of a block are the lanes, each byte read once for its two weights (see _matvec)
+    # one token: the H bytes of a block are the lanes, each byte read once for its two weights (see linear.lanes_matvec)
     xs = x.contiguous().reshape(*x.shape[:-1], 1, B, 2 * H)
     return (xs[..., :H] * (lo * scale + mn) + xs[..., H:] * (hi * scale + mn)).sum(-2).sum(-1).contiguous()
 
@@ -123,7 +112,7 @@ def from_gguf_blocks(raw: Tensor, ggml_type: str, shape: tuple[int, int]) -> tup
 
 def linear_for(mode: str) -> Callable:
   """The Linear class for `Llama(config, linear=...)` when building a model to fill with quantized parameters."""
-  return {"none": linear.Linear, "int8": Int8Linear, "int4": Int4Linear}[_check_mode(mode, ("none", "int8", "int4"))]
+  return {"none": Linear, "int8": Int8Linear, "int4": Int4Linear}[_check_mode(mode, ("none", "int8", "int4"))]
 
 def build_layer(cls: type, params: dict[str, Tensor], shape: tuple[int, int], **kwargs):
   """A layer of class `cls` for a weight of `shape` (out, in), holding `params` (checked, realized)."""
