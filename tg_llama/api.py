@@ -6,10 +6,11 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable, Iterator
 import numpy as np
-from tinygrad import Tensor, TinyJit, dtypes
+from tinygrad import Tensor, dtypes
 from tinygrad.dtype import DType
 from tg_llama.backend import Backend, resolve_backend
 from tg_llama.config import LlamaConfig
+from tg_llama.cpu_graph import Jit
 from tg_llama.convert import Checkpoint, check_weights, open_checkpoint
 from tg_llama.generate import Generator, greedy
 from tg_llama.jit_cache import GraphCache, graphs_enabled
@@ -51,9 +52,9 @@ class Model:
     self.config: LlamaConfig = llama.config
     self.generator = Generator(llama, backend.device, dtype, max_context, devices=devices)
 
-    self.greedy_jit = TinyJit(greedy)
+    self.greedy_jit = Jit(greedy)
     self.sampler = Sampler(1, self.config.vocab_size, backend.device)
-    self.sample_jit = TinyJit(self.sampler.__call__)
+    self.sample_jit = Jit(self.sampler.__call__)
     self.graphs: GraphCache | None = None  # the captured graphs on disk; load() sets it unless the graph cache is off
 
   @property

@@ -14,6 +14,7 @@ from tinygrad import Device, dtypes
 from tinygrad.dtype import DType
 from tinygrad.helpers import DEV, Context
 import tinygrad.helpers as tg_helpers
+from tg_llama import cpu_opts
 from tg_llama.errors import TgLlamaError
 
 # our names -> tinygrad device prefixes
@@ -53,6 +54,7 @@ def resolve_backend(name: str | None = None) -> Backend:
     raise TgLlamaError(f"backend {backend_name!r} (tinygrad device {device}) is not available on this machine ({probe_error}); "
                        f"available here: {', '.join(others) or 'none'}{doc}")
   prefix = device.split(":")[0]
+  if prefix == "CPU": cpu_opts.install()
   if DEV.device != prefix:  # a backend named by us, not by DEV: tinygrad's default device follows it
     DEV.value = prefix
     os.environ["DEV"] = prefix  # as tinygrad does, for the processes it spawns

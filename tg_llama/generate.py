@@ -11,8 +11,9 @@ Not here: batching several requests (batch is 1), speculative decoding."""
 from __future__ import annotations
 from typing import Callable, Iterator
 import numpy as np
-from tinygrad import Tensor, TinyJit, UOp, dtypes
+from tinygrad import Tensor, UOp, dtypes
 from tinygrad.dtype import DType
+from tg_llama.cpu_graph import Jit
 from tg_llama.errors import ContextLengthError
 from tg_llama.model import Llama
 from tg_llama.parallel import place_input, shard_model
@@ -28,8 +29,8 @@ class Generator:
     self.devices = devices
     self.v_pos = UOp.variable("start_pos", 0, max_context - 1)
     self.v_last = UOp.variable("last_index", 0, self.prefill_chunk - 1)
-    self.prefill_jit = TinyJit(self._forward)
-    self.decode_jit = TinyJit(self._forward)
+    self.prefill_jit = Jit(self._forward)
+    self.decode_jit = Jit(self._forward)
     self.cached: list[int] = []  # the tokens whose keys and values are in the cache, in order
 
   def _forward(self, tokens: Tensor, start_pos: UOp, last_index: UOp | None = None) -> Tensor:

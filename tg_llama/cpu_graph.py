@@ -1,0 +1,191 @@
+"""Replay a captured TinyJit on DEV=CPU from C, on every core.
+
+tinygrad 0.14's CPU backend runs a captured graph one kernel at a time from Python (~20 us of Python per
+kernel, 600+ kernels per decoded token) and runs a kernel's per-core parts one after another on one thread:
+the machine's other cores stay idle. This module hands the whole kernel list to a small C runner instead:
+one ctypes call per replay, kernels called in order through their function pointers, each kernel's `core_id`
+parts spread over a pool of threads with a spin barrier between kernels. The kernels are tinygrad's own, as
+compiled; only the way they are launched changes.
+
+The runner works from a table of uint64 words per kernel: function address, number of core parts, the slot
+of the core_id argument, and the arguments. Buffer addresses are fixed once a graph is captured (its memory
+plan does not move), so only the input buffers' addresses and the symbolic variables (start_pos) are written
+into the table before each replay.
+
+Not here: other backends (their own graph runners exist in tinygrad), graphs with copies or several devices
+(those replay through tinygrad as before)."""
+from __future__ import annotations
+import ctypes, functools, hashlib, os, pathlib, subprocess, tempfile, threading
+import numpy as np
+from tinygrad.engine.jit import CapturedJit, _TinyJit
+from tinygrad.engine.realize import get_call_arg_uops, get_runtime
+from tinygrad.helpers import NUM_CPU_THREADS
+from tinygrad.uop.ops import Ops, UOp
+
+MAX_ARGS = 24  # arguments a kernel may take here (tinygrad's CPU programs allow 63; ours use about 10)
+WORDS = 3 + MAX_ARGS  # per kernel: function, core parts, core_id slot, arguments
+
+RUNNER_C = r"""
+#include <stdint.h>
+#include <pthread.h>
+#include <sched.h>
+#include <time.h>
+#include <immintrin.h>
+#define MAX_ARGS %(max_args)d
+#define WORDS %(words)d
+typedef void (*kernel_fn)(%(arg_types)s);
+
+static int n_threads = 1;
+static volatile const uint64_t *job_table;
+static volatile int64_t job_n, job_gen;
+static volatile int64_t bar_count, bar_flag;
+
+static void barrier(int *sense) {
+  *sense = !*sense;
+  if (__atomic_add_fetch(&bar_count, 1, __ATOMIC_ACQ_REL) == n_threads) {
+    __atomic_store_n(&bar_count, 0, __ATOMIC_RELAXED);
+    __atomic_store_n(&bar_flag, *sense, __ATOMIC_RELEASE);
+  } else {
+    // spin; yield the core after a while in case the thread we wait for is not running (more threads than cores)
+    for (int spins = 0; __atomic_load_n(&bar_flag, __ATOMIC_ACQUIRE) != *sense; spins++) {
+      if (spins < 4096) _mm_pause(); else sched_yield();
+    }
+  }
+}
+
+static void run_part(int tid, int *sense) {
+  // read the job once: after the last barrier the main thread may already be posting the next one
+  const uint64_t *t = (const uint64_t *)job_table;
+  const int64_t n = job_n;
+  for (int64_t i = 0; i < n; i++, t += WORDS) {
+    for (uint64_t core = tid; core < t[1]; core += n_threads) {
+      uint64_t a[MAX_ARGS];
+      for (int j = 0; j < MAX_ARGS; j++) a[j] = t[3 + j];
+      if (t[2] < MAX_ARGS) a[t[2]] = core;
+      ((kernel_fn)t[0])(%(arg_list)s);
+    }
+    barrier(sense);
+  }
+}
+
+static void *worker(void *arg) {
+  int tid = (int)(intptr_t)arg, sense = 0;
+  int64_t seen = 0;
+  for (;;) {
+    // spin for a few milliseconds after each replay (the next token's comes soon), then sleep in short naps
+    for (long spins = 0; __atomic_load_n(&job_gen, __ATOMIC_ACQUIRE) == seen; spins++) {
+      if (spins < (1L << 18)) _mm_pause();
+      else { struct timespec ts = {0, 50000}; nanosleep(&ts, 0); }
+    }
+    seen++;
+    run_part(tid, &sense);
+  }
+  return 0;
+}
+
+static int main_sense = 0;
+
+int tg_start(int threads) {
+  n_threads = threads;
+  for (int i = 1; i < threads; i++) {
+    pthread_t th;
+    if (pthread_create(&th, 0, worker, (void *)(intptr_t)i)) return -1;
+    pthread_detach(th);
+  }
+  return 0;
+}
+
+void tg_run(const uint64_t *table, int64_t n) {
+  job_table = table; job_n = n;
+  __atomic_add_fetch(&job_gen, 1, __ATOMIC_ACQ_REL);
+  run_part(0, &main_sense);  // ends with a barrier: every thread is done with every kernel
+}
+"""
+
+def _source() -> str:
+  return RUNNER_C % {"max_args": MAX_ARGS, "words": WORDS, "arg_types": ", ".join(["uint64_t"] * MAX_ARGS),
+                     "arg_list": ", ".join(f"a[{i}]" for i in range(MAX_ARGS))}
+
+@functools.cache
+def runner() -> ctypes.CDLL:
+  """The C runner, compiled once per source into the user's cache and loaded with its thread pool started."""
+  src = _source()
+  cache = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) / "tg-llama" / "cpu"
+  lib = cache / f"graph_runner_{hashlib.sha256(src.encode()).hexdigest()[:16]}.so"
+  if not lib.is_file():
+    cache.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory() as tmp:
+      (c := pathlib.Path(tmp) / "runner.c").write_text(src)
+      subprocess.run(["clang", "-O2", "-march=native", "-shared", "-fPIC", "-pthread", str(c), "-o", str(out := pathlib.Path(tmp) / "r.so")],
+                     check=True, capture_output=True)
+      os.replace(out, lib)  # atomic: a concurrent process sees the whole file or none
+  dll = ctypes.CDLL(str(lib))
+  dll.tg_run.argtypes, dll.tg_run.restype = [ctypes.c_void_p, ctypes.c_int64], None
+  if dll.tg_start(threads()) != 0: raise OSError("could not start the CPU graph's threads")
+  return dll
+
+def threads() -> int: return max(1, NUM_CPU_THREADS.value)
+
+_replaying = threading.Lock()  # one job table at a time: the runner's threads are shared by every graph
+
+class CPUGraph:
+  """The kernel table of one captured linear, bound to its buffers."""
+  def __init__(self, linear: UOp, input_uops: tuple[UOp, ...] | list[UOp]):
+    self.table = np.zeros((len(linear.src), WORDS), dtype=np.uint64)
+    self.input_slots: list[tuple[int, int, int]] = []  # (row, column, input index)
+    self.var_slots: list[tuple[int, int, str]] = []    # (row, column, variable name)
+    for row, call in enumerate(linear.src):
+      prg = call.src[0]
+      info, args = prg.arg, get_call_arg_uops(call)
+      bufs = [args[i] for i in info.globals]
+      runtime = get_runtime(call.src[1].device, prg)
+      self.table[row, 0], self.table[row, 1], self.table[row, 2] = runtime.addr, int(info.global_size[0]), MAX_ARGS
+      for col, b in enumerate(bufs):
+        if b.op is Ops.PARAM: self.input_slots.append((row, 3 + col, b.arg.slot))
+        else: self.table[row, 3 + col] = _address(b.buffer)
+      for j, v in enumerate(info.vars):
+        if v.expr == "core_id": self.table[row, 2] = len(bufs) + j
+        else: self.var_slots.append((row, 3 + len(bufs) + j, v.expr))
+    self.lib = runner()
+
+  def __call__(self, input_uops, var_vals: dict[str, int]):
+    for row, col, i in self.input_slots: self.table[row, col] = _address(input_uops[i].buffer)
+    for row, col, name in self.var_slots: self.table[row, col] = var_vals[name]
+    with _replaying: self.lib.tg_run(self.table.ctypes.data, len(self.table))
+
+def _address(buf) -> int: return buf.ensure_allocated().get_buf(buf.device).va_addr
+
+def supported(captured: CapturedJit) -> bool:
+  """Every call a CPU kernel on one device, with arguments that are plain buffers (no views of inputs), not too many."""
+  for call in captured.linear.src:
+    if call.src[0].op is not Ops.PROGRAM or not isinstance(call.src[1].device, str) or not call.src[1].device.startswith("CPU"): return False
+    if any(b.op not in (Ops.PARAM, Ops.BUFFER, Ops.BITCAST) for b in get_call_arg_uops(call)): return False
+    if len(call.src[0].arg.globals) + len(call.src[0].arg.vars) > MAX_ARGS: return False
+  return True
+
+class ThreadedJit(CapturedJit):
+  """A CapturedJit replayed by CPUGraph; pickles as a plain CapturedJit."""
+  graph: CPUGraph | None = None
+
+  def __call__(self, input_uops, var_vals):
+    if any(u in self._written_uops for u in input_uops): return super().__call__(input_uops, var_vals)
+    if self.graph is None: self.graph = CPUGraph(self.linear, input_uops)
+    self.graph(input_uops, var_vals)
+    return self.ret
+
+  def __reduce__(self): return CapturedJit, (self.ret, self._linear, self.expected_names, self.expected_input_info)
+
+def install(jit: _TinyJit) -> None:
+  """Make a TinyJit that has captured its graph replay it through CPUGraph, when it runs CPU kernels only."""
+  captured = jit.captured
+  if captured is None or isinstance(captured, ThreadedJit) or os.environ.get("TG_LLAMA_CPU_GRAPH", "1") == "0": return
+  if not supported(captured): return
+  jit.captured = ThreadedJit(captured.ret, captured._linear, captured.expected_names, captured.expected_input_info)
+
+class Jit(_TinyJit):
+  """tinygrad's TinyJit, replayed through CPUGraph once captured (or loaded) when its kernels all run on the CPU.
+  TG_LLAMA_CPU_GRAPH=0 keeps tinygrad's own replay."""
+  def __call__(self, *args, **kwargs):
+    ret = super().__call__(*args, **kwargs)
+    install(self)
+    return ret
