@@ -16,7 +16,7 @@ from tg_llama.generate import Generator, greedy
 from tg_llama.jit_cache import GraphCache, graphs_enabled
 from tg_llama.errors import UnsupportedModelError
 from tg_llama.model import Llama
-from tg_llama.quantize import GGUF_BLOCKS, quantize_model
+from tg_llama.quantize import GGUF_BLOCKS, quantize_model, quantized_names
 from tg_llama.parallel import check_divisible, devices_for, split_axis
 from tg_llama.sampling import Sampler, SamplingParams
 from tg_llama.tokenizer import Tokenizer, load_tokenizer
@@ -25,11 +25,13 @@ DTYPES = {"float32": dtypes.float32, "float16": dtypes.float16, "half": dtypes.f
 
 def load_weights(model: Llama, ckpt: Checkpoint, device: str, dtype: DType, progress: Callable[[int, int], None] | None = None,
                  devices: tuple[str, ...] = ()):
-  """Fill the model's parameters from the checkpoint: only the tensors this shard holds are read. With several
-  devices each tensor is split over them as it is read, so no device ever holds the whole model."""
+  """Fill the model's float parameters from the checkpoint: only the tensors this shard holds are read, and none that a
+  quantized layer already holds. With several devices each tensor is split over them as it is read, so no device
+  ever holds the whole model."""
   check_weights(ckpt, model.start_layer, model.end_layer)
-  params = model.weights()
-  if model.is_first and model.is_last and ckpt.config.tie_embeddings:
+  skip = quantized_names(model)
+  params = {name: t for name, t in model.weights().items() if name not in skip}
+  if model.is_first and model.is_last and ckpt.config.tie_embeddings and "lm_head.weight" in params:
     model.lm_head.weight = model.embed_tokens.weight  # one tensor for both, as in the checkpoint
     params.pop("lm_head.weight")
   for i, (name, param) in enumerate(params.items()):
@@ -131,6 +133,10 @@ def _prepare(source, backend, dtype, max_context) -> tuple[Backend, DType, Check
   if context < 1: raise ValueError(f"max_context must be positive, got {context}")
   return be, DTYPES[dtype] if dtype else be.dtype, ckpt, context
 
+def _stored_name(name: str, ckpt: Checkpoint) -> str:
+  # a tied output head is the token embedding in the file
+  return "model.embed_tokens.weight" if name == "lm_head.weight" and name not in ckpt.tensors else name
+
 def load(source: str | pathlib.Path, backend: str | None = None, dtype: str | None = None, max_context: int | None = None,
          progress: bool = False, devices: int = 1, graph_cache: bool = True, quantize: str | None = None) -> Model:
   """Load a checkpoint (HF dir, Meta dir, GGUF file or a converted dir; the format is detected) onto a backend.
@@ -148,10 +154,12 @@ def load(source: str | pathlib.Path, backend: str | None = None, dtype: str | No
   devs = devices_for(be.device, devices) if devices > 1 else ()
   if devs: check_divisible(ckpt.config, devices)  # before reading any weights
   llama = Llama(ckpt.config)
-  load_weights(llama, ckpt, be.device, compute, progress_bar(f"loading {pathlib.Path(source).name}") if progress else None, devs)
   mode = quantize or ("gguf" if ckpt.format == "gguf" and not devs and set(ckpt.raw_dtypes.values()) & set(GGUF_BLOCKS) else "none")
   if mode != "none" and devs: raise UnsupportedModelError(f"quantize={mode!r}: quantized layers run on one device; load without devices")
-  quantization = quantize_model(llama, mode, ckpt)  # before any graph is captured or looked up
+  check_weights(ckpt, 0, ckpt.config.n_layers)
+  # quantized layers first, each weight quantized as it is read: the float model is never held whole
+  quantization = quantize_model(llama, mode, ckpt, read=lambda name: ckpt.tensors[_stored_name(name, ckpt)](be.device))
+  load_weights(llama, ckpt, be.device, compute, progress_bar(f"loading {pathlib.Path(source).name}") if progress else None, devs)
   model = Model(llama, ckpt, be, compute, context, devs)
   model.quantization = quantization
   if graphs_enabled(graph_cache): model.graphs = GraphCache.for_model(model)

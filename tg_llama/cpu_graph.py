@@ -155,11 +155,16 @@ class CPUGraph:
 
 def _address(buf) -> int: return buf.ensure_allocated().get_buf(buf.device).va_addr
 
+def _is_view_of_buffer(b: UOp) -> bool:
+  """A buffer, or a bitcast/shrink view of one (a fixed address); views of inputs are not handled."""
+  while b.op in (Ops.BITCAST, Ops.SHRINK): b = b.src[0]
+  return b.op is Ops.BUFFER
+
 def supported(captured: CapturedJit) -> bool:
   """Every call a CPU kernel on one device, with arguments that are plain buffers (no views of inputs), not too many."""
   for call in captured.linear.src:
     if call.src[0].op is not Ops.PROGRAM or not isinstance(call.src[1].device, str) or not call.src[1].device.startswith("CPU"): return False
-    if any(b.op not in (Ops.PARAM, Ops.BUFFER, Ops.BITCAST) for b in get_call_arg_uops(call)): return False
+    if not all(b.op is Ops.PARAM or _is_view_of_buffer(b) for b in get_call_arg_uops(call)): return False
     if len(call.src[0].arg.globals) + len(call.src[0].arg.vars) > MAX_ARGS: return False
   return True
 

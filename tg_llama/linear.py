@@ -34,4 +34,5 @@ class Linear:
     self.weight = Tensor.empty(out_features, in_features)
 
   def __call__(self, x: Tensor) -> Tensor:
-    return lanes_matvec(x, self.weight) if one_token(x) else x.linear(self.weight.transpose())
+    # several tokens: a product kernel of its own (tg_llama/cpu_opts.py tiles it), its input computed once, not per row
+    return lanes_matvec(x, self.weight) if one_token(x) else x.contiguous().linear(self.weight.transpose()).contiguous()

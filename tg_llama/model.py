@@ -6,6 +6,7 @@ the last applies the final norm and the head; a middle shard takes and returns h
 Attribute names follow Hugging Face's (`self_attn.q_proj`, `mlp.gate_proj`); tg_llama/convert.py maps
 every format onto them. No file I/O here, and the model never knows which format it came from."""
 from __future__ import annotations
+import math
 from typing import Callable
 import numpy as np
 from tinygrad import Tensor, UOp, dtypes, nn
@@ -24,6 +25,18 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
   x1, x2 = x.chunk(2, dim=-1)
   cos, sin = cos.cast(x.dtype), sin.cast(x.dtype)
   return (x1 * cos - x2 * sin).cat(x2 * cos + x1 * sin, dim=-1)
+
+def decode_attention(q: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+  """Attention of one query position over the cache: q (B, H, 1, hd), keys and values (B, KvH, P, hd), P symbolic.
+  Each key row serves its G = H/KvH query heads without being repeated, and each dot product is split into lanes of
+  4 whose partial sums are independent, so the CPU's kernels vectorize instead of running one add chain per score
+  (tg_llama/cpu_opts.py). The same numbers as scaled_dot_product_attention, accumulated in float32."""
+  B, H, _, hd = q.shape
+  KvH = keys.shape[1]
+  qg = q.float().reshape(B, KvH, H // KvH, 1, hd // 4, 4)
+  scores = (qg * keys.float().reshape(B, KvH, 1, -1, hd // 4, 4)).sum(-2).sum(-1) * (1 / math.sqrt(hd))  # (B, KvH, G, P)
+  out = (scores.softmax(-1).unsqueeze(-1) * values.float().reshape(B, KvH, 1, -1, hd)).sum(-2)          # (B, KvH, G, hd)
+  return out.reshape(B, H, 1, hd).cast(q.dtype)
 
 class Attention:
   def __init__(self, config: LlamaConfig, linear: Callable):
@@ -46,8 +59,10 @@ class Attention:
     cache = Tensor(self.cache_kv.uop.after(store))
     keys, values = cache[0, :, :, 0:start_pos+T, :].cast(x.dtype), cache[1, :, :, 0:start_pos+T, :].cast(x.dtype)
     # causal mask aligned to the lower right: query t sees keys up to start_pos+t
-    mask = Tensor.full((1, 1, T, start_pos+T), float("-inf"), dtype=x.dtype, device=x.device).triu(start_pos+1) if resolve(T != 1) else None
-    out = q.scaled_dot_product_attention(keys, values, attn_mask=mask, enable_gqa=True)  # (B, H, T, hd)
+    if resolve(T == 1): out = decode_attention(q, keys, values)
+    else:
+      mask = Tensor.full((1, 1, T, start_pos+T), float("-inf"), dtype=x.dtype, device=x.device).triu(start_pos+1)
+      out = q.scaled_dot_product_attention(keys, values, attn_mask=mask, enable_gqa=True)  # (B, H, T, hd)
     return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 class FeedForward:

@@ -18,12 +18,12 @@ Measured on SmolLM2-135M decode, DEV=CPU: float 11-19, int8/int4/gguf 29-35 toke
 decode kernels 19 vs 49 tokens/s. Only the CPU has been measured.
 
 Not here: activation quantization (W8A8 with an int32 dot measured slower than float accumulation in
-tinygrad 0.14), quantized embeddings (the token embedding stays float; a tied output head gets its own
+tinygrad 0.14), int8/int4 embeddings (the token embedding stays float there; a tied output head gets its own
 quantized copy), tensor parallelism (scales would have to be split alongside the weights), writing quantized
 checkpoints (`quantize_model` returns the dict to record in their config)."""
 from __future__ import annotations
 from typing import Callable
-from tinygrad import Tensor, dtypes
+from tinygrad import Tensor, dtypes, nn
 from tg_llama.convert import LAYER_NAMES, interleaved_to_half_split
 from tg_llama.errors import UnsupportedModelError
 from tg_llama.formats import gguf
@@ -47,7 +47,8 @@ class Int8Linear:
       return lanes_matvec(x, self.weight, scale=self.scale[:, 0].cast(x.dtype))
     w = (self.weight.cast(x.dtype).reshape(N, K // G, G) * self.scale.cast(x.dtype).unsqueeze(-1)).reshape(N, K)
     # a block per lane step (one scale per step): measured 4.8 ms vs 7-8 ms with 64 lanes at 49152x576
-    return lanes_matvec(x, w, n_lanes=G) if one_token(x) else x @ w.T
+    if one_token(x): return lanes_matvec(x, w, n_lanes=G)
+    return (x.contiguous() @ w.contiguous().T).contiguous()  # several tokens: decoded once into a float matrix (see Int4Linear)
 
   @staticmethod
   def quantize(w: Tensor, group_size: int | None = None) -> dict[str, Tensor]:
@@ -76,7 +77,8 @@ class Int4Linear:
     N, B, H = self.weight.shape  # rows, blocks per row, bytes per block
     lo, hi = self.weight.bitwise_and(0xF).cast(x.dtype), self.weight.rshift(4).cast(x.dtype)
     scale, mn = self.scale.cast(x.dtype).unsqueeze(-1), self.min.cast(x.dtype).unsqueeze(-1)
-    if not one_token(x): return x @ (lo.cat(hi, dim=-1) * scale + mn).reshape(N, B * 2 * H).T
+    # several tokens: decoded once into a float matrix, not once per token inside the product (measured 5x slower)
+    if not one_token(x): return (x.contiguous() @ (lo.cat(hi, dim=-1) * scale + mn).reshape(N, B * 2 * H).contiguous().T).contiguous()
     # one token: the H bytes of a block are the lanes, each byte read once for its two weights (see linear.lanes_matvec)
     xs = x.contiguous().reshape(*x.shape[:-1], 1, B, 2 * H)
     return (xs[..., :H] * (lo * scale + mn) + xs[..., H:] * (hi * scale + mn)).sum(-2).sum(-1).contiguous()
@@ -91,6 +93,26 @@ class Int4Linear:
     scale = (scale == 0).where(1.0, scale)  # a constant block: q = 0 decodes to min
     q = ((blocks - mn.unsqueeze(-1)) / scale.unsqueeze(-1)).round().clip(0, 15).cast(dtypes.uint8)
     return {"weight": q[..., :group_size // 2].bitwise_or(q[..., group_size // 2:].lshift(4)), "scale": scale, "min": mn}
+
+class QuantizedEmbedding:
+  """Token embedding rows gathered from a quantized layer's blocks and decoded: the embedding of a GGUF file kept as
+  stored, sharing a tied output head's blocks (SmolLM2's: 18 MB of Q4_1 instead of 113 MB of float32)."""
+  def __init__(self, layer: Int8Linear | Int4Linear):
+    self.layer_type, self.group_size = type(layer), layer.group_size
+    for name, t in nn.state.get_state_dict(layer).items(): setattr(self, name, t)
+
+  def __call__(self, idx: Tensor) -> Tensor:
+    def rows(t: Tensor) -> Tensor:  # t[idx] along the first axis, as tinygrad's nn.Embedding gathers
+      flat = t.reshape(t.shape[0], -1)
+      hit = Tensor.arange(t.shape[0]) == idx.unsqueeze(-1)
+      return hit.unsqueeze(-1).where(flat, 0).sum(-2, dtype=t.dtype)
+    scale = rows(self.scale).float().unsqueeze(-1)  # (..., blocks, 1)
+    if self.layer_type is Int8Linear:
+      q = rows(self.weight).float()
+      return (q.reshape(*q.shape[:-1], -1, self.group_size) * scale).flatten(-2)
+    w = rows(self.weight).reshape(*idx.shape, *self.weight.shape[1:])  # (..., blocks, bytes per block)
+    q = w.bitwise_and(0xF).cat(w.rshift(4), dim=-1).float()
+    return (q * scale + rows(self.min).float().unsqueeze(-1)).flatten(-2)
 
 # ---- GGUF blocks as stored (spec: https://github.com/ggml-org/ggml/blob/master/docs/gguf.md; layouts in ggml-common.h) ----
 
@@ -124,11 +146,13 @@ def build_layer(cls: type, params: dict[str, Tensor], shape: tuple[int, int], **
     setattr(layer, name, t.contiguous().realize())
   return layer
 
-def quantize_model(llama, mode: str, checkpoint=None) -> dict:
-  """Swap every linear of a loaded `llama` (tg_llama.model.Llama) for a quantized one, in place, and return the
-  quantization to record in a saved config. "int8"/"int4" quantize the loaded float weights; "gguf" takes each
-  weight's blocks from `checkpoint` (a GGUF tg_llama.convert.Checkpoint) when they are Q8_0, Q4_0 or Q4_1 and
-  leaves other weights float. The token embedding is not touched."""
+def quantize_model(llama, mode: str, checkpoint=None, read: Callable[[str], Tensor] | None = None) -> dict:
+  """Swap every linear of `llama` (tg_llama.model.Llama) for a quantized one, in place, and return the quantization
+  to record in a saved config. "int8"/"int4" quantize each float weight, taken from `read(name)` (a weight's
+  canonical name; default: the weight the model holds); "gguf" takes each weight's blocks from `checkpoint` (a GGUF
+  tg_llama.convert.Checkpoint) when they are Q8_0, Q4_0 or Q4_1 and leaves other weights float. Called before the
+  float weights are read (tg_llama.api.load does), no float copy of a quantized weight is ever held. The token
+  embedding is not touched."""
   _check_mode(mode, MODES)
   if mode == "none": return {"mode": "none"}
   if mode == "gguf" and (checkpoint is None or checkpoint.format != "gguf"):
@@ -141,17 +165,34 @@ def quantize_model(llama, mode: str, checkpoint=None) -> dict:
   for name, parent, attr in linears(llama):
     w = getattr(parent, attr).weight
     shape = tuple(w.shape)
-    if mode == "int8": new = build_layer(Int8Linear, Int8Linear.quantize(w), shape)
-    elif mode == "int4": new = build_layer(Int4Linear, Int4Linear.quantize(w), shape)
+    if mode in ("int8", "int4"):
+      cls = Int8Linear if mode == "int8" else Int4Linear
+      new = build_layer(cls, cls.quantize(read(f"{name}.weight") if read else w), shape)
     else:
       kept[name] = checkpoint.raw_dtypes[f"{name}.weight"]
       if kept[name] not in GGUF_BLOCKS: continue
       cls, params = raw.layer_params(name, shape, w.device)
       new = build_layer(cls, params, shape, **({"group_size": 32} if cls is Int8Linear else {}))
     setattr(parent, attr, new)
+  if mode == "gguf" and llama.is_first and checkpoint.raw_dtypes.get("model.embed_tokens.weight") in GGUF_BLOCKS:
+    kept["model.embed_tokens"] = checkpoint.raw_dtypes["model.embed_tokens.weight"]
+    head = getattr(llama, "lm_head", None)
+    if checkpoint.config.tie_embeddings and isinstance(head, (Int8Linear, Int4Linear)): llama.embed_tokens = QuantizedEmbedding(head)
+    else:
+      shape = (checkpoint.config.vocab_size, checkpoint.config.dim)
+      cls, params = raw.layer_params("model.embed_tokens", shape, llama.embed_tokens.weight.device)
+      llama.embed_tokens = QuantizedEmbedding(build_layer(cls, params, shape, **({"group_size": 32} if cls is Int8Linear else {})))
   if mode == "int8": return {"mode": "int8", "bits": 8, "group_size": None}
   if mode == "int4": return {"mode": "int4", "bits": 4, "group_size": 32}
   return {"mode": "gguf", "types": kept}
+
+def quantized_names(llama) -> set[str]:
+  """The canonical names of the parameters that quantized layers hold (not to be read as float weights)."""
+  names = {f"{name}.{p}" for name, parent, attr in linears(llama) if not isinstance(layer := getattr(parent, attr), Linear)
+           for p in nn.state.get_state_dict(layer)}
+  if isinstance(getattr(llama, "embed_tokens", None), QuantizedEmbedding):
+    names |= {f"model.embed_tokens.{p}" for p in nn.state.get_state_dict(llama.embed_tokens)}
+  return names
 
 def linears(llama) -> list[tuple[str, object, str]]:
   """(canonical name, parent module, attribute) for every linear of the model shard."""
@@ -171,6 +212,7 @@ class _GGUFBlocks:
   def gguf_name(self, name: str) -> str:
     """The file's name for a linear's weight (tg_llama/convert.py's tables, read backwards)."""
     if name == "lm_head": return "output.weight" if "output.weight" in self.infos else "token_embd.weight"  # tied
+    if name == "model.embed_tokens": return "token_embd.weight"
     _, _, i, suffix = name.split(".", 3)
     return f"blk.{i}.{LAYER_NAMES[suffix + '.weight'][0]}"
 
