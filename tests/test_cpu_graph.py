@@ -1,0 +1,78 @@
+"""The CPU's own replay of captured graphs (tg_llama/cpu_graph.py) and its kernel choices (tg_llama/cpu_opts.py):
+replaying from C on several threads gives exactly what tinygrad's replay gives, graphs it cannot take fall back to
+tinygrad's, and the one-token products and decode attention it tunes compute the right numbers (checked against
+numpy, an independent implementation)."""
+from __future__ import annotations
+import pickle
+import numpy as np
+import pytest
+from tinygrad import Tensor, UOp
+from tinygrad.engine.jit import CapturedJit
+from tinygrad.helpers import NUM_CPU_THREADS
+import tg_llama
+from tg_llama import cpu_graph, cpu_opts
+from tg_llama.model import decode_attention
+from tg_llama.quantize import Int4Linear
+from tiny_models import PROMPT, hf_model, write_hf
+
+@pytest.fixture(scope="module")
+def tiny_path(tmp_path_factory):
+  return write_hf(hf_model("gqa_tied"), tmp_path_factory.mktemp("tiny") / "hf")
+
+def run(path, monkeypatch, graph: bool) -> tuple[np.ndarray, list[int], object]:
+  """Prefill logits, 12 greedy tokens (decode steps), and the decode JIT's captured graph."""
+  monkeypatch.setenv("TG_LLAMA_CPU_GRAPH", "1" if graph else "0")
+  model = tg_llama.load(path, max_context=96, graph_cache=False)
+  logits = model.logits(PROMPT + [5] * 70)  # two prefill chunks
+  tokens = list(model.generate(PROMPT, 12))
+  tokens = list(model.generate(PROMPT, 12))  # again: replays the captured graphs
+  return logits, tokens, model.generator.decode_jit.captured
+
+def test_replay_from_c_equals_tinygrads(tiny_path, monkeypatch):
+  ours, theirs = run(tiny_path, monkeypatch, graph=True), run(tiny_path, monkeypatch, graph=False)
+  assert isinstance(ours[2], cpu_graph.ThreadedJit) and type(theirs[2]) is CapturedJit
+  np.testing.assert_array_equal(ours[0], theirs[0])
+  assert ours[1] == theirs[1]
+
+def test_threaded_jit_pickles_as_tinygrads(tiny_path, monkeypatch):
+  captured = run(tiny_path, monkeypatch, graph=True)[2]
+  assert type(pickle.loads(pickle.dumps(captured))) is CapturedJit  # graph files hold nothing of ours
+
+def test_graph_over_two_devices_falls_back():
+  w = Tensor.randn(8, 16).shard(("CPU:0", "CPU:1"), axis=0).realize()
+  jit = cpu_graph.Jit(lambda x: (w @ x).realize())
+  x = Tensor.randn(16).shard(("CPU:0", "CPU:1")).realize()
+  for _ in range(3): out = jit(x)
+  assert type(jit.captured) is CapturedJit  # tinygrad's replay: copies and several devices are not ours
+  np.testing.assert_allclose(out.numpy(), w.numpy() @ x.numpy(), atol=1e-5)
+
+def test_decode_attention_matches_numpy():
+  B, H, KvH, hd, ctx = 1, 6, 2, 16, 64
+  rng = np.random.default_rng(0)
+  cache = Tensor(rng.standard_normal((2, B, KvH, ctx, hd)).astype(np.float32)).realize()
+  v_pos = UOp.variable("start_pos", 0, ctx - 1)
+  jit = cpu_graph.Jit(lambda q, pos: decode_attention(q, cache[0, :, :, 0:pos + 1], cache[1, :, :, 0:pos + 1]).realize())
+  for pos in (0, 1, 9, 40, 63, 5):
+    q = rng.standard_normal((B, H, 1, hd)).astype(np.float32)
+    got = jit(Tensor(q).realize(), v_pos.bind(pos)).numpy()
+    k, v = cache.numpy()[0, :, :, :pos + 1], cache.numpy()[1, :, :, :pos + 1]
+    k, v = np.repeat(k, H // KvH, axis=1), np.repeat(v, H // KvH, axis=1)  # each KV head serves H/KvH query heads
+    s = q @ k.transpose(0, 1, 3, 2) / np.sqrt(hd)
+    p = np.exp(s - s.max(-1, keepdims=True))
+    np.testing.assert_allclose(got, (p / p.sum(-1, keepdims=True)) @ v, atol=1e-5, rtol=1e-5)
+
+@pytest.mark.skipif(NUM_CPU_THREADS.value < 2, reason="threads need two cores")
+def test_one_token_products_are_threaded_and_right():
+  cpu_opts.install()
+  rng = np.random.default_rng(1)
+  w = rng.standard_normal((576, 576)).astype(np.float32)
+  layer = Int4Linear(576, 576)
+  for name, t in Int4Linear.quantize(Tensor(w)).items(): setattr(layer, name, t.contiguous().realize())
+  jit = cpu_graph.Jit(lambda x: layer(x).realize())
+  x = rng.standard_normal((1, 1, 576)).astype(np.float32)
+  for _ in range(3): got = jit(Tensor(x).realize()).numpy()
+  lo, hi = layer.weight.numpy() & 15, layer.weight.numpy() >> 4
+  dequant = (np.concatenate([lo, hi], -1) * layer.scale.numpy()[..., None] + layer.min.numpy()[..., None]).reshape(576, 576)
+  np.testing.assert_allclose(got.reshape(-1), dequant @ x.reshape(-1), atol=1e-3, rtol=1e-4)
+  # tinygrad's own heuristic leaves this kernel on one core (it threads above 128K operations per core only)
+  assert [c.src[0].arg.global_size[0] for c in jit.captured.linear.src] == [NUM_CPU_THREADS.value]
