@@ -11,7 +11,7 @@ from tinygrad.dtype import DType
 from tg_llama.backend import Backend, resolve_backend
 from tg_llama.config import LlamaConfig
 from tg_llama.cpu_graph import Jit
-from tg_llama.convert import Checkpoint, check_weights, open_checkpoint
+from tg_llama.convert import Checkpoint, check_weights, open_checkpoint, release_file_pages
 from tg_llama.generate import Generator, greedy
 from tg_llama.jit_cache import GraphCache, graphs_enabled
 from tg_llama.errors import UnsupportedModelError
@@ -160,6 +160,7 @@ def load(source: str | pathlib.Path, backend: str | None = None, dtype: str | No
   # quantized layers first, each weight quantized as it is read: the float model is never held whole
   quantization = quantize_model(llama, mode, ckpt, read=lambda name: ckpt.tensors[_stored_name(name, ckpt)](be.device))
   load_weights(llama, ckpt, be.device, compute, progress_bar(f"loading {pathlib.Path(source).name}") if progress else None, devs)
+  release_file_pages()
   model = Model(llama, ckpt, be, compute, context, devs)
   model.quantization = quantization
   if graphs_enabled(graph_cache): model.graphs = GraphCache.for_model(model)

@@ -124,7 +124,8 @@ class Llama:
     h = self.embed_tokens(x) if self.is_first else x
     T = h.shape[1]
     cos, sin = self.cos[start_pos:start_pos+T], self.sin[start_pos:start_pos+T]
-    for block in self.layers.values(): h = block(h, start_pos, cos, sin)
+    # one block at a time: scheduled whole, a quantized model's prefill would decode every layer's weights first
+    for block in self.layers.values(): h = block(h, start_pos, cos, sin).realize()
     if not self.is_last: return h
     if last_only: h = h[:, -1:, :] if last_index is None else h[:, last_index:last_index+1, :]
     logits = self.lm_head(self.norm(h)).float()
