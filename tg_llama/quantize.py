@@ -137,13 +137,15 @@ def linear_for(mode: str) -> Callable:
   return {"none": Linear, "int8": Int8Linear, "int4": Int4Linear}[_check_mode(mode, ("none", "int8", "int4"))]
 
 def build_layer(cls: type, params: dict[str, Tensor], shape: tuple[int, int], **kwargs):
-  """A layer of class `cls` for a weight of `shape` (out, in), holding `params` (checked, realized)."""
+  """A layer of class `cls` for a weight of `shape` (out, in), holding `params` (checked, and realized in one schedule:
+  they share their source, so a GGUF weight's blocks are read once, not once per parameter)."""
   layer = cls(shape[1], shape[0], **kwargs)
   for name, t in params.items():
     want = getattr(layer, name)
     if t.shape != want.shape or t.dtype != want.dtype:
       raise ValueError(f"{cls.__name__}.{name}: got {t.shape} {t.dtype}, the layer needs {want.shape} {want.dtype}")
-    setattr(layer, name, t.contiguous().realize())
+    setattr(layer, name, t.contiguous())
+  Tensor.realize(*[getattr(layer, name) for name in params])
   return layer
 
 def quantize_model(llama, mode: str, checkpoint=None, read: Callable[[str], Tensor] | None = None) -> dict:
