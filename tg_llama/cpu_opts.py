@@ -61,7 +61,9 @@ def _opts(k) -> list[Opt] | None:
   # upcast whole, so that each position updates independent vector accumulators instead of one chain per output
   hd = shape[outs[-1]]
   if reduce == [len(shape) - 1] and _is_decode_length(shape[-1]) and known[outs[-1]] and hd % 16 == 0 and hd <= 256:
-    return [Opt(OptOps.UPCAST, outs[-1], 16)] + ([Opt(OptOps.UPCAST, outs[-1], hd // 16)] if hd > 16 else [])
+    axis = next((i for i in outs[:-1] if known[i] and threads > 1 and shape[i] % threads == 0), None)  # heads over cores
+    return ([Opt(OptOps.THREAD, axis, threads)] if axis is not None else []) + \
+           [Opt(OptOps.UPCAST, outs[-1], 16)] + ([Opt(OptOps.UPCAST, outs[-1], hd // 16)] if hd > 16 else [])
   return None
 
 def cpu_optimizations(k):

@@ -33,10 +33,14 @@ def decode_attention(q: Tensor, keys: Tensor, values: Tensor) -> Tensor:
   (tg_llama/cpu_opts.py). The same numbers as scaled_dot_product_attention, accumulated in float32."""
   B, H, _, hd = q.shape
   KvH = keys.shape[1]
-  qg = q.float().reshape(B, KvH, H // KvH, 1, hd // 4, 4)
+  G = H // KvH
+  qg = q.float().reshape(B, KvH, G, 1, hd // 4, 4)
+  # an odd group (SmolLM2's 9 heads over 3) gets a zero query head: an even axis lets the CPU split the attention
+  # kernels over two cores (the cache length is symbolic, and 3 x 3 heads divide by nothing); sliced off below
+  if G % 2: qg = qg.pad((None, None, (0, 1), None, None, None))
   scores = (qg * keys.float().reshape(B, KvH, 1, -1, hd // 4, 4)).sum(-2).sum(-1) * (1 / math.sqrt(hd))  # (B, KvH, G, P)
-  out = (scores.softmax(-1).unsqueeze(-1) * values.float().reshape(B, KvH, 1, -1, hd)).sum(-2)          # (B, KvH, G, hd)
-  return out.reshape(B, H, 1, hd).cast(q.dtype)
+  out = (scores.softmax(-1).unsqueeze(-1) * values.float().reshape(B, KvH, 1, -1, hd)).sum(-2).contiguous()  # (B, KvH, G, hd)
+  return out[:, :, :G].reshape(B, H, 1, hd).cast(q.dtype)
 
 class Attention:
   def __init__(self, config: LlamaConfig, linear: Callable):
