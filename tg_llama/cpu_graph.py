@@ -15,12 +15,13 @@ into the table before each replay.
 Not here: other backends (their own graph runners exist in tinygrad), graphs with copies or several devices
 (those replay through tinygrad as before)."""
 from __future__ import annotations
-import ctypes, functools, hashlib, os, pathlib, subprocess, tempfile, threading
+import ctypes, functools, hashlib, os, pathlib, subprocess, tempfile, threading, warnings
 import numpy as np
 from tinygrad.engine.jit import CapturedJit, _TinyJit
 from tinygrad.engine.realize import get_call_arg_uops, get_runtime
 from tinygrad.helpers import NUM_CPU_THREADS
 from tinygrad.uop.ops import Ops, UOp
+from tg_llama.backend import backend_cache_dir
 
 MAX_ARGS = 24  # arguments a kernel may take here (tinygrad's CPU programs allow 63; ours use about 10)
 WORDS = 3 + MAX_ARGS  # per kernel: function, core parts, core_id slot, arguments
@@ -110,11 +111,11 @@ def _source() -> str:
 def runner() -> ctypes.CDLL:
   """The C runner, compiled once per source into the user's cache and loaded with its thread pool started."""
   src = _source()
-  cache = pathlib.Path(os.environ.get("XDG_CACHE_HOME", pathlib.Path.home() / ".cache")) / "tg-llama" / "cpu"
+  cache = backend_cache_dir("cpu")
   lib = cache / f"graph_runner_{hashlib.sha256(src.encode()).hexdigest()[:16]}.so"
   if not lib.is_file():
     cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory(dir=cache) as tmp:  # beside the library: os.replace cannot cross file systems
       (c := pathlib.Path(tmp) / "runner.c").write_text(src)
       subprocess.run(["clang", "-O2", "-march=native", "-shared", "-fPIC", "-pthread", str(c), "-o", str(out := pathlib.Path(tmp) / "r.so")],
                      check=True, capture_output=True)
@@ -123,6 +124,16 @@ def runner() -> ctypes.CDLL:
   dll.tg_run.argtypes, dll.tg_run.restype = [ctypes.c_void_p, ctypes.c_int64], None
   if dll.tg_start(threads()) != 0: raise OSError("could not start the CPU graph's threads")
   return dll
+
+@functools.cache
+def runner_available() -> bool:
+  """Whether the runner builds and loads here; if not, graphs replay through tinygrad (with one warning)."""
+  try: runner()
+  except (OSError, subprocess.CalledProcessError) as e:
+    detail = e.stderr.decode(errors="replace").strip()[-300:] if isinstance(e, subprocess.CalledProcessError) and e.stderr else str(e)
+    warnings.warn(f"the CPU graph runner is unavailable ({detail}); captured graphs replay through tinygrad, slower", RuntimeWarning)
+    return False
+  return True
 
 def threads() -> int: return max(1, NUM_CPU_THREADS.value)
 
@@ -184,7 +195,7 @@ def install(jit: _TinyJit) -> None:
   """Make a TinyJit that has captured its graph replay it through CPUGraph, when it runs CPU kernels only."""
   captured = jit.captured
   if captured is None or isinstance(captured, ThreadedJit) or os.environ.get("TG_LLAMA_CPU_GRAPH", "1") == "0": return
-  if not supported(captured): return
+  if not supported(captured) or not runner_available(): return
   jit.captured = ThreadedJit(captured.ret, captured._linear, captured.expected_names, captured.expected_input_info)
 
 class Jit(_TinyJit):
