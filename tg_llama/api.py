@@ -24,11 +24,13 @@ from tg_llama.tokenizer import Tokenizer, load_tokenizer
 DTYPES = {"float32": dtypes.float32, "float16": dtypes.float16, "half": dtypes.float16, "bfloat16": dtypes.bfloat16}
 
 def load_weights(model: Llama, ckpt: Checkpoint, device: str, dtype: DType, progress: Callable[[int, int], None] | None = None,
-                 devices: tuple[str, ...] = ()):
-  """Fill the model's float parameters from the checkpoint: only the tensors this shard holds are read, and none that a
-  quantized layer already holds. With several devices each tensor is split over them as it is read, so no device
-  ever holds the whole model."""
+                 devices: tuple[str, ...] = (), quantize: str = "none") -> dict:
+  """Fill the model's parameters from the checkpoint: only the tensors this shard holds are read. Linears to quantize
+  (tg_llama/quantize.py's modes) come first, each weight quantized as it is read, so the float model is never held
+  whole; then the float parameters. With several devices each tensor is split over them as it is read, so no device
+  ever holds the whole model. Returns the quantization, as quantize_model does."""
   check_weights(ckpt, model.start_layer, model.end_layer)
+  quantization = quantize_model(model, quantize, ckpt, read=lambda name: ckpt.tensors[_stored_name(name, ckpt)](device))
   skip = quantized_names(model)
   params = {name: t for name, t in model.weights().items() if name not in skip}
   if model.is_first and model.is_last and ckpt.config.tie_embeddings and "lm_head.weight" in params:
@@ -38,6 +40,11 @@ def load_weights(model: Llama, ckpt: Checkpoint, device: str, dtype: DType, prog
     t = ckpt.tensors[name](device).cast(dtype).contiguous()
     param.replace(t.shard(devices, split_axis(name, model.config, len(devices))) if len(devices) > 1 else t).realize()
     if progress: progress(i + 1, len(params))
+  return quantization
+
+def _stored_name(name: str, ckpt: Checkpoint) -> str:
+  # a tied output head is the token embedding in the file
+  return "model.embed_tokens.weight" if name == "lm_head.weight" and name not in ckpt.tensors else name
 
 def progress_bar(label: str) -> Callable[[int, int], None]:
   def show(done: int, total: int):
@@ -133,10 +140,6 @@ def _prepare(source, backend, dtype, max_context) -> tuple[Backend, DType, Check
   if context < 1: raise ValueError(f"max_context must be positive, got {context}")
   return be, DTYPES[dtype] if dtype else be.dtype, ckpt, context
 
-def _stored_name(name: str, ckpt: Checkpoint) -> str:
-  # a tied output head is the token embedding in the file
-  return "model.embed_tokens.weight" if name == "lm_head.weight" and name not in ckpt.tensors else name
-
 def load(source: str | pathlib.Path, backend: str | None = None, dtype: str | None = None, max_context: int | None = None,
          progress: bool = False, devices: int = 1, graph_cache: bool = True, quantize: str | None = None) -> Model:
   """Load a checkpoint (HF dir, Meta dir, GGUF file or a converted dir; the format is detected) onto a backend.
@@ -156,10 +159,8 @@ def load(source: str | pathlib.Path, backend: str | None = None, dtype: str | No
   llama = Llama(ckpt.config)
   mode = quantize or ("gguf" if ckpt.format == "gguf" and not devs and set(ckpt.raw_dtypes.values()) & set(GGUF_BLOCKS) else "none")
   if mode != "none" and devs: raise UnsupportedModelError(f"quantize={mode!r}: quantized layers run on one device; load without devices")
-  check_weights(ckpt, 0, ckpt.config.n_layers)
-  # quantized layers first, each weight quantized as it is read: the float model is never held whole
-  quantization = quantize_model(llama, mode, ckpt, read=lambda name: ckpt.tensors[_stored_name(name, ckpt)](be.device))
-  load_weights(llama, ckpt, be.device, compute, progress_bar(f"loading {pathlib.Path(source).name}") if progress else None, devs)
+  quantization = load_weights(llama, ckpt, be.device, compute, progress_bar(f"loading {pathlib.Path(source).name}") if progress else None,
+                              devs, quantize=mode)
   release_file_pages()
   model = Model(llama, ckpt, be, compute, context, devs)
   model.quantization = quantization
