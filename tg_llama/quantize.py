@@ -152,9 +152,10 @@ def quantize_model(llama, mode: str, checkpoint=None, read: Callable[[str], Tens
   """Swap every linear of `llama` (tg_llama.model.Llama) for a quantized one, in place, and return the quantization
   to record in a saved config. "int8"/"int4" quantize each float weight, taken from `read(name)` (a weight's
   canonical name; default: the weight the model holds); "gguf" takes each weight's blocks from `checkpoint` (a GGUF
-  tg_llama.convert.Checkpoint) when they are Q8_0, Q4_0 or Q4_1 and leaves other weights float. Called before the
-  float weights are read (tg_llama.api.load does), no float copy of a quantized weight is ever held. The token
-  embedding is not touched."""
+  tg_llama.convert.Checkpoint) when they are Q8_0, Q4_0 or Q4_1 and leaves other weights float, and keeps such a
+  token embedding in its blocks too (QuantizedEmbedding, sharing a tied output head's). Called before the float
+  weights are read (tg_llama.api.load_weights does), no float copy of a quantized weight is ever held. int8/int4
+  leave the token embedding float."""
   _check_mode(mode, MODES)
   if mode == "none": return {"mode": "none"}
   if mode == "gguf" and (checkpoint is None or checkpoint.format != "gguf"):
@@ -173,8 +174,7 @@ def quantize_model(llama, mode: str, checkpoint=None, read: Callable[[str], Tens
     else:
       kept[name] = checkpoint.raw_dtypes[f"{name}.weight"]
       if kept[name] not in GGUF_BLOCKS: continue
-      cls, params = raw.layer_params(name, shape, w.device)
-      new = build_layer(cls, params, shape, **({"group_size": 32} if cls is Int8Linear else {}))
+      new = raw.layer(name, shape, w.device)
     setattr(parent, attr, new)
   if mode == "gguf" and llama.is_first and checkpoint.raw_dtypes.get("model.embed_tokens.weight") in GGUF_BLOCKS:
     kept["model.embed_tokens"] = checkpoint.raw_dtypes["model.embed_tokens.weight"]
@@ -182,8 +182,7 @@ def quantize_model(llama, mode: str, checkpoint=None, read: Callable[[str], Tens
     if checkpoint.config.tie_embeddings and isinstance(head, (Int8Linear, Int4Linear)): llama.embed_tokens = QuantizedEmbedding(head)
     else:
       shape = (checkpoint.config.vocab_size, checkpoint.config.dim)
-      cls, params = raw.layer_params("model.embed_tokens", shape, llama.embed_tokens.weight.device)
-      llama.embed_tokens = QuantizedEmbedding(build_layer(cls, params, shape, **({"group_size": 32} if cls is Int8Linear else {})))
+      llama.embed_tokens = QuantizedEmbedding(raw.layer("model.embed_tokens", shape, llama.embed_tokens.weight.device))
   if mode == "int8": return {"mode": "int8", "bits": 8, "group_size": None}
   if mode == "int4": return {"mode": "int4", "bits": 4, "group_size": 32}
   return {"mode": "gguf", "types": kept}
@@ -217,6 +216,11 @@ class _GGUFBlocks:
     if name == "model.embed_tokens": return "token_embd.weight"
     _, _, i, suffix = name.split(".", 3)
     return f"blk.{i}.{LAYER_NAMES[suffix + '.weight'][0]}"
+
+  def layer(self, name: str, shape: tuple[int, int], device: str) -> Int8Linear | Int4Linear:
+    """The quantized layer holding the blocks of the weight `name` (a linear's, or "model.embed_tokens")."""
+    cls, params = self.layer_params(name, shape, device)
+    return build_layer(cls, params, shape, **({"group_size": 32} if cls is Int8Linear else {}))
 
   def layer_params(self, name: str, shape: tuple[int, int], device: str) -> tuple[type, dict[str, Tensor]]:
     info = self.infos[self.gguf_name(name)]
