@@ -39,6 +39,9 @@ def _opts(k) -> list[Opt] | None:
   outs = [i for i, t in enumerate(types) if t in (AxisType.WEAK, AxisType.LOOP, AxisType.GLOBAL)]
   if len(reduce) + len(outs) != len(shape) or not outs: return None
   known = [isinstance(s, int) for s in shape]
+  threads = NUM_CPU_THREADS.value
+  def thread_axis(axes: list[int]) -> int | None:  # the first of these output axes the cores divide
+    return next((i for i in axes if known[i] and threads > 1 and shape[i] % threads == 0), None)
   # a lanes reduction: rows x (K/A) x A (linear.lanes_matvec), or decode attention's scores, heads x positions x
   # (hd/A) x A (model.decode_attention). Threads over the first output axis they divide, the lane axis unrolled
   # whole into one vector, nothing else. A prefill chunk's scores (queries x cache length x (hd/A) x A) also get 4
@@ -46,22 +49,20 @@ def _opts(k) -> list[Opt] | None:
   lanes = reduce == [len(shape) - 2, len(shape) - 1] and known[-1] and 4 <= shape[-1] <= MAX_LANES
   kv_length = [i for i in outs if not known[i]]
   if lanes and (len(shape) == 3 and known[0] or kv_length):
-    threads = NUM_CPU_THREADS.value
-    axis = next((i for i in outs if known[i] and threads > 1 and shape[i] % threads == 0), None)
+    axis = thread_axis(outs)
     opts = [Opt(OptOps.THREAD, axis, threads)] if axis is not None else []
     if kv_length and not _is_decode_length(shape[kv_length[0]]) and axis is not None and shape[axis] % (4 * threads) == 0:
       opts.append(Opt(OptOps.UPCAST, axis, 4))
     return opts + [Opt(OptOps.UNROLL, 1, 0)]
   # a matrix product of a prefill chunk: tokens x rows x K, all known. Threads over the rows, a 4 tokens x 8 rows
   # register tile, K unrolled by 8: measured 64x576 @ 576x1536 float32 9.5 -> 40.6 GFLOPS on 2 cores
-  threads = NUM_CPU_THREADS.value
   if len(shape) == 3 and reduce == [2] and all(known) and shape[0] % 4 == 0 and shape[1] % (8 * threads) == 0 and shape[2] % 8 == 0:
     return ([Opt(OptOps.THREAD, 1, threads)] if threads > 1 else []) + [Opt(OptOps.UPCAST, 1, 8), Opt(OptOps.UPCAST, 0, 4), Opt(OptOps.UNROLL, 0, 8)]
   # decode attention's weights x values, a reduction over the cache length: the head dimension (last output axis)
   # upcast whole, so that each position updates independent vector accumulators instead of one chain per output
   hd = shape[outs[-1]]
   if reduce == [len(shape) - 1] and _is_decode_length(shape[-1]) and known[outs[-1]] and hd % 16 == 0 and hd <= 256:
-    axis = next((i for i in outs[:-1] if known[i] and threads > 1 and shape[i] % threads == 0), None)  # heads over cores
+    axis = thread_axis(outs[:-1])  # heads over cores
     return ([Opt(OptOps.THREAD, axis, threads)] if axis is not None else []) + \
            [Opt(OptOps.UPCAST, outs[-1], 16)] + ([Opt(OptOps.UPCAST, outs[-1], hd // 16)] if hd > 16 else [])
   return None
