@@ -16,3 +16,18 @@ def llama3_tokenizer_dir() -> pathlib.Path:
 def smollm2_gguf() -> pathlib.Path:
   from tg_llama.assets import default_model_path
   return default_model_path()
+
+@pytest.fixture
+def restore_backend_state():
+  """Resolving a backend in this process sets tinygrad's default device and kernel cache (and DEV, CACHEDB in the
+  environment); afterwards they are put back, so the rest of the test session runs as it was."""
+  import tinygrad.helpers
+  from tg_llama.backend import configure_cache
+  saved_env = {var: os.environ.get(var) for var in ("DEV", "CACHEDB")}
+  saved_dev, saved_db = tinygrad.helpers.DEV.value, tinygrad.helpers.CACHEDB
+  yield
+  tinygrad.helpers.DEV.value = saved_dev
+  configure_cache(pathlib.Path(saved_db).parent)
+  for var, value in saved_env.items():
+    if value is None: os.environ.pop(var, None)
+    else: os.environ[var] = value

@@ -32,20 +32,11 @@ def run_mode(mode: str, *args: str, env: dict[str, str]) -> dict: return finish(
 # ---- resolution and cache folders (in this process) ----
 
 @pytest.fixture
-def clean_env(monkeypatch):
+def clean_env(monkeypatch, restore_backend_state):
   """No backend settings in the environment; and resolving a backend here (it sets this process's default device
   and kernel cache) leaves the rest of the test session as it was."""
-  import tinygrad.helpers
-  from tg_llama.backend import configure_cache
-  saved_env = {var: os.environ.get(var) for var in ("DEV", "CACHEDB")}
-  saved_dev, saved_db = tinygrad.helpers.DEV.value, tinygrad.helpers.CACHEDB
   for var in ("TG_LLAMA_BACKEND", "TG_LLAMA_CACHE", "XDG_CACHE_HOME"): monkeypatch.delenv(var, raising=False)
-  yield monkeypatch
-  tinygrad.helpers.DEV.value = saved_dev
-  configure_cache(pathlib.Path(saved_db).parent)
-  for var, value in saved_env.items():
-    if value is None: os.environ.pop(var, None)
-    else: os.environ[var] = value
+  return monkeypatch
 
 @pytest.mark.parametrize("name,device,ours", [("cpu", "CPU", "cpu"), ("CPU", "CPU", "cpu"), ("opencl", "CL", "opencl"), ("cl", "CL", "opencl"),
                                               ("cuda", "CUDA", "cuda"), ("cuda:1", "CUDA:1", "cuda"), ("nv", "NV", "nv"), ("amd", "AMD", "amd"),

@@ -35,20 +35,11 @@ def same_answers(a: dict, b: dict):
   assert (a["greedy"], a["sampled"]) == (b["greedy"], b["sampled"])
 
 @pytest.fixture
-def own_cache(monkeypatch, tmp_path):
+def own_cache(monkeypatch, tmp_path, restore_backend_state):
   """Caches in tmp_path for a load() in this process; tinygrad's kernel cache and default device restored afterwards."""
-  import tinygrad.helpers
-  from tg_llama.backend import configure_cache
-  saved_env = {var: os.environ.get(var) for var in ("DEV", "CACHEDB")}
-  saved_dev, saved_db = tinygrad.helpers.DEV.value, tinygrad.helpers.CACHEDB
   monkeypatch.setenv("TG_LLAMA_CACHE", str(tmp_path))
   monkeypatch.delenv("TG_LLAMA_GRAPH_CACHE", raising=False)
-  yield tmp_path
-  tinygrad.helpers.DEV.value = saved_dev
-  configure_cache(pathlib.Path(saved_db).parent)
-  for var, value in saved_env.items():
-    if value is None: os.environ.pop(var, None)
-    else: os.environ[var] = value
+  return tmp_path
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> tuple[str, np.ndarray]:
