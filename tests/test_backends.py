@@ -223,10 +223,10 @@ def mode_compile(path: str) -> dict:
     return lib
   compiler.compile = counted
   model = tg_llama.load(path, max_context=64)
-  gen = model.generator
-  gen.prefill(PROMPT_IDS)
-  gen.prefill(PROMPT_IDS[:-1] + [42])  # recomputes the last token: the captured prefill graph replays
-  for i in range(3): gen.decode(Tensor([[7 + i]], dtype=dtypes.int32, device=model.backend.device), 7 + i)
+  runner = model.runner
+  runner.prefill(0, PROMPT_IDS, 0)
+  runner.prefill(0, PROMPT_IDS[-1:], len(PROMPT_IDS) - 1)  # the last token again: the captured prefill graph replays
+  for i in range(3): runner.decode([(0, len(PROMPT_IDS) + i, 7 + i)])
   return {"renderer": type(renderer).__name__, "compiler": compiler.__name__, "dtype": model.dtype.name, "kernels": len(libs),
           "elf": sum(lib[:4] == b"\x7fELF" for _, lib in libs), "metal_kernels": sum("#include <metal_stdlib>" in src and "kernel void" in src for src, _ in libs)}
 

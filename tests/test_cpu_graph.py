@@ -26,7 +26,7 @@ def run(path, monkeypatch, graph: bool) -> tuple[np.ndarray, list[int], object]:
   logits = model.logits(PROMPT + [5] * 70)  # two prefill chunks
   tokens = list(model.generate(PROMPT, 12))
   tokens = list(model.generate(PROMPT, 12))  # again: replays the captured graphs
-  return logits, tokens, model.generator.decode_jit.captured
+  return logits, tokens, model.runner.decode_jits[1].captured
 
 def test_replay_from_c_equals_tinygrads(tiny_path, monkeypatch):
   ours, theirs = run(tiny_path, monkeypatch, graph=True), run(tiny_path, monkeypatch, graph=False)

@@ -17,13 +17,13 @@ def variant(request, tmp_path_factory):
 
 def assert_matches(model: tg_llama.Model, ref: np.ndarray):
   """Prompt logits at every position, then the same positions again through the KV cache one token at a time."""
-  full = model.llama(Tensor([PROMPT], device=model.backend.device), 0, last_only=False).numpy()[0]
+  runner = model.runner
+  full = model.llama(Tensor([PROMPT], device=model.backend.device), runner.cache, [(0, 0)], last_only=False).numpy()[0]
   np.testing.assert_allclose(full, ref, atol=TOL, rtol=0)
-  gen, split = model.generator, 5
-  np.testing.assert_allclose(gen.prefill(PROMPT[:split]).numpy()[0], ref[split - 1], atol=TOL, rtol=0)
+  split = 5
+  np.testing.assert_allclose(runner.prefill(0, PROMPT[:split], 0).numpy()[0], ref[split - 1], atol=TOL, rtol=0)
   for i in range(split, len(PROMPT)):
-    logits = gen.decode(Tensor([[PROMPT[i]]], dtype=dtypes.int32, device=model.backend.device), PROMPT[i])
-    np.testing.assert_allclose(logits.numpy()[0], ref[i], atol=TOL, rtol=0)
+    np.testing.assert_allclose(runner.decode([(0, i, PROMPT[i])]).numpy()[0], ref[i], atol=TOL, rtol=0)
 
 def test_hf(variant):
   name, model, tmp = variant

@@ -12,13 +12,13 @@ def test_no_new_kernels_after_warm_up(tmp_path):
   for _ in range(2):  # warm-up: run, then capture, every graph
     list(model.generate(PROMPT, 4))
     list(model.generate(PROMPT, 4, sampling))
-  kernels, decode = len(to_program_cache), model.generator.decode_jit.captured
+  kernels, decode = len(to_program_cache), model.runner.decode_jits[1].captured
   prompt = PROMPT + [5] * 70  # a longer prompt: two prefill chunks, then decode far past the warm-up's positions
   greedy = list(model.generate(prompt, 40))
   sampled = list(model.generate(PROMPT[:3], 60, sampling))
   assert len(greedy) == 40 and len(sampled) == 60
   assert len(to_program_cache) == kernels
-  assert model.generator.decode_jit.captured is decode
+  assert model.runner.decode_jits[1].captured is decode
   # the counter does see a kernel that is new
   (Tensor([1.0, 2.0, 3.0]).exp2() * 3).realize()
   assert len(to_program_cache) > kernels

@@ -15,7 +15,7 @@ from tg_llama.jit_cache import GraphCache, graphs_enabled
 HERE = pathlib.Path(__file__).resolve()
 REPO = HERE.parent.parent
 FORCED = [5, 77, 200]  # tokens fed to decode after the prompt, one step each
-JITS = ["decode", "greedy", "prefill", "sample"]
+JITS = ["decode1", "greedy1", "prefill", "sample1"]
 
 def run(cache: pathlib.Path, path: str, context: int = 32, graph_cache: bool = True, devices: int = 1, env: dict | None = None) -> dict:
   """This file as a script: the tiny model on DEV=CPU with its caches in `cache`; its report (the last stdout line)."""
@@ -60,7 +60,7 @@ def copy_of(first, tmp_path: pathlib.Path) -> pathlib.Path:
 def test_first_process_captures_and_saves(tiny, first):
   cache, out = first
   from tiny_models import PROMPT
-  assert out["loaded"] == [] and out["calls"] == {"decode": 2, "greedy": 2, "prefill": 2, "sample": 2}  # run once, then capture
+  assert out["loaded"] == [] and out["calls"] == {"decode1": 2, "greedy1": 2, "prefill": 2, "sample1": 2}  # run once, then capture
   assert len(graph_files(cache)) == 1 and out["warnings"] == []
   np.testing.assert_allclose(out["logits"], tiny[1][len(PROMPT) - 1], atol=1e-4, rtol=0)
   np.testing.assert_allclose(out["steps"], tiny[1][len(PROMPT):], atol=1e-4, rtol=0)
@@ -203,9 +203,8 @@ def mode_run(path: str, prompt: str, context: str, graph_cache: str, devices: st
     logits = model.logits(PROMPT)
     greedy = [list(model.generate(PROMPT, 4)) for _ in range(2)][-1]
     sampled = [list(model.generate(PROMPT, 4, SamplingParams(temperature=1.0, seed=7))) for _ in range(2)][-1]
-    model.generator.prefill(PROMPT)
-    steps = [model.generator.decode(Tensor([[t]], dtype=dtypes.int32, device=model.backend.device), t).numpy()[0].tolist()
-             for t in FORCED]
+    model.runner.prefill(0, PROMPT, 0)
+    steps = [model.runner.decode([(0, len(PROMPT) + i, t)]).numpy()[0].tolist() for i, t in enumerate(FORCED)]
   return {"path": path, "loaded": None if loaded is None else sorted(loaded), "cnt": cnt, "calls": dict(sorted(calls.items())),
           "logits": logits.tolist(), "greedy": greedy, "sampled": sampled, "steps": steps,
           "file": None if model.graphs is None else str(model.graphs.path),

@@ -114,7 +114,7 @@ SEQUENCE = PROMPT + [5, 200, 31, 7, 64, 150, 9, 333, 42, 18, 260, 11]
 
 def mean_log_likelihood(model: tg_llama.Model, ids: list[int]) -> tuple[float, np.ndarray]:
   """Mean log p(ids[t+1] | ids[:t+1]) over the sequence, and the argmax at every position."""
-  logits = model.llama(Tensor([ids], device=model.backend.device), 0, last_only=False).numpy()[0].astype(np.float64)
+  logits = model.llama(Tensor([ids], device=model.backend.device), model.runner.cache, [(0, 0)], last_only=False).numpy()[0].astype(np.float64)
   logp = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
   return float(np.mean(logp[np.arange(len(ids) - 1), ids[1:]])), logits.argmax(-1)
 

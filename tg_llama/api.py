@@ -10,15 +10,16 @@ from tinygrad import Tensor, dtypes
 from tinygrad.dtype import DType
 from tg_llama.backend import Backend, resolve_backend
 from tg_llama.config import LlamaConfig
-from tg_llama.cpu_graph import Jit
 from tg_llama.convert import Checkpoint, check_weights, open_checkpoint, release_file_pages
-from tg_llama.generate import Generator, greedy
+from tg_llama.engine.engine import Engine, Request
+from tg_llama.engine.kv_cache import KVCache
+from tg_llama.engine.runner import ModelRunner
 from tg_llama.jit_cache import GraphCache, graphs_enabled
 from tg_llama.errors import UnsupportedModelError
 from tg_llama.model import Llama
 from tg_llama.quantize import GGUF_BLOCKS, quantize_model, quantized_names
 from tg_llama.parallel import check_divisible, devices_for, split_axis
-from tg_llama.sampling import Sampler, SamplingParams
+from tg_llama.sampling import SamplingParams
 from tg_llama.tokenizer import Tokenizer, load_tokenizer
 
 DTYPES = {"float32": dtypes.float32, "float16": dtypes.float16, "half": dtypes.float16, "bfloat16": dtypes.bfloat16}
@@ -54,20 +55,20 @@ def progress_bar(label: str) -> Callable[[int, int], None]:
   return show
 
 class Model:
-  """A loaded whole model on one backend, with its KV cache and captured JIT graphs."""
+  """A loaded whole model on one backend: its weights, and the engine that runs sequences on them (a KV cache of
+  `slots` sequences, the captured graphs). Every generation goes through the engine."""
   def __init__(self, llama: Llama, checkpoint: Checkpoint, backend: Backend, dtype: DType, max_context: int,
-               devices: tuple[str, ...] = ()):
+               devices: tuple[str, ...] = (), slots: int = 1):
     self.llama, self.checkpoint, self.backend, self.dtype, self.devices = llama, checkpoint, backend, dtype, devices
     self.config: LlamaConfig = llama.config
-    self.generator = Generator(llama, backend.device, dtype, max_context, devices=devices)
-
-    self.greedy_jit = Jit(greedy)
-    self.sampler = Sampler(1, self.config.vocab_size, backend.device)
-    self.sample_jit = Jit(self.sampler.__call__)
-    self.graphs: GraphCache | None = None  # the captured graphs on disk; load() sets it unless the graph cache is off
+    self.runner = ModelRunner(llama, backend.device, dtype, max_context, slots, devices=devices)
+    self.engine = Engine(self.runner)
 
   @property
-  def max_context(self) -> int: return self.generator.max_context
+  def max_context(self) -> int: return self.runner.max_context
+
+  @property
+  def graphs(self) -> GraphCache | None: return self.engine.graphs
 
   @cached_property
   def tokenizer(self) -> Tokenizer:
@@ -76,31 +77,15 @@ class Model:
 
   def logits(self, token_ids: list[int]) -> np.ndarray:
     """The next-token logits after `token_ids` (float32, shape (vocab,))."""
-    self._load_graphs()
-    logits = self.generator.prefill(list(token_ids)).numpy()[0]
-    if self.graphs is not None: self.graphs.save_new()
-    return logits
+    return next(out.logits for out in self.engine.submit(Request(tuple(token_ids), 0, logits=True)) if out.logits is not None)
 
   def generate(self, token_ids: list[int], max_new_tokens: int = 32, sampling: SamplingParams | None = None,
                stop_ids: frozenset[int] = frozenset()) -> Iterator[int]:
     """Yield up to max_new_tokens new token ids (greedy unless `sampling` says otherwise), using the KV cache;
     a token in stop_ids is yielded and ends the generation."""
-    sampling = sampling or SamplingParams()
-    self._load_graphs()
-    if sampling.temperature == 0 and sampling.repetition_penalty == 1: sample = self.greedy_jit
-    else:
-      self.sampler.reset([sampling], [list(token_ids)])
-      sample = self.sample_jit
-    return self._saving_graphs(self.generator.generate(list(token_ids), max_new_tokens, sample, stop_ids))
-
-  def _load_graphs(self):
-    # once, at the first call rather than at load: a model changed in between (quantized, say) finds its own graphs
-    if self.graphs is not None: self.graphs.load()
-
-  def _saving_graphs(self, tokens: Iterator[int]) -> Iterator[int]:
-    for token in tokens:
-      if self.graphs is not None: self.graphs.save_new()  # writes only after a JIT captured a graph the file lacks
-      yield token
+    request = Request(tuple(token_ids), max_new_tokens, sampling or SamplingParams(), frozenset(stop_ids))
+    for out in self.engine.submit(request):
+      if out.token is not None: yield out.token
 
   def stream(self, token_ids: list[int], max_new_tokens: int = 256, sampling: SamplingParams | None = None,
              stop_ids: frozenset[int] | None = None) -> Iterator[Chunk]:
@@ -122,15 +107,24 @@ class Chunk:
   finish_reason: str | None  # "stop" (a stop token), "length" (max_new_tokens), None (more to come)
 
 def load_shard(source: str | pathlib.Path, start_layer: int, end_layer: int, backend: str | None = None, dtype: str | None = None,
-               max_context: int | None = None) -> Llama:
+               max_context: int | None = None) -> Shard:
   """Layers start_layer..end_layer of a checkpoint, reading only their tensors, with a KV cache ready.
   Call it as `shard(x, start_pos)`: x is token ids (B, T) for the first shard, else the previous shard's hidden
   states (B, T, dim); the last shard returns logits. Shards may live on different backends and machines."""
   be, compute, ckpt, context = _prepare(source, backend, dtype, max_context)
-  shard = Llama(ckpt.config, start_layer, end_layer)
-  load_weights(shard, ckpt, be.device, compute)
-  shard.setup_cache(1, context, compute, be.device)
-  return shard
+  llama = Llama(ckpt.config, start_layer, end_layer)
+  load_weights(llama, ckpt, be.device, compute)
+  return Shard(llama, context, compute, be.device)
+
+class Shard:
+  """Layers of a model with a KV cache of one sequence: `shard(x, start_pos)` runs x at start_pos."""
+  def __init__(self, llama: Llama, max_context: int, dtype: DType, device: str):
+    self.llama, self.layers = llama, llama.layers
+    llama.setup_rope(max_context, device)
+    self.cache = KVCache(llama.config, range(llama.start_layer, llama.end_layer), 1, max_context, dtype, device)
+
+  def __call__(self, x: Tensor, start_pos: int, last_only: bool = True) -> Tensor:
+    return self.llama(x, self.cache, [(0, start_pos)], last_only=last_only)
 
 def _prepare(source, backend, dtype, max_context) -> tuple[Backend, DType, Checkpoint, int]:
   be = resolve_backend(backend)
@@ -141,7 +135,7 @@ def _prepare(source, backend, dtype, max_context) -> tuple[Backend, DType, Check
   return be, DTYPES[dtype] if dtype else be.dtype, ckpt, context
 
 def load(source: str | pathlib.Path, backend: str | None = None, dtype: str | None = None, max_context: int | None = None,
-         progress: bool = False, devices: int = 1, graph_cache: bool = True, quantize: str | None = None) -> Model:
+         progress: bool = False, devices: int = 1, graph_cache: bool = True, quantize: str | None = None, slots: int = 1) -> Model:
   """Load a checkpoint (HF dir, Meta dir, GGUF file or a converted dir; the format is detected) onto a backend.
 
   backend: "cpu", "opencl", "cuda", ... (default: TG_LLAMA_BACKEND, else tinygrad's DEV).
@@ -152,7 +146,8 @@ def load(source: str | pathlib.Path, backend: str | None = None, dtype: str | No
   them once captured; TG_LLAMA_GRAPH_CACHE=0 turns it off too.
   quantize: weight-only quantization, "none", "int8", "int4" or "gguf" (a GGUF file's Q8_0/Q4_0/Q4_1 blocks kept as
   stored, decoded inside the matmul: the same logits, half the bytes per token). Default: "gguf" for such a file
-  on one device, else "none"."""
+  on one device, else "none".
+  slots: how many sequences the engine runs at once (a KV cache slot each; a server wants several)."""
   be, compute, ckpt, context = _prepare(source, backend, dtype, max_context)
   devs = devices_for(be.device, devices) if devices > 1 else ()
   if devs: check_divisible(ckpt.config, devices)  # before reading any weights
@@ -162,7 +157,7 @@ def load(source: str | pathlib.Path, backend: str | None = None, dtype: str | No
   quantization = load_weights(llama, ckpt, be.device, compute, progress_bar(f"loading {pathlib.Path(source).name}") if progress else None,
                               devs, quantize=mode)
   release_file_pages()
-  model = Model(llama, ckpt, be, compute, context, devs)
+  model = Model(llama, ckpt, be, compute, context, devs, slots)
   model.quantization = quantization
-  if graphs_enabled(graph_cache): model.graphs = GraphCache.for_model(model)
+  if graphs_enabled(graph_cache): model.engine.graphs = GraphCache.for_model(model)
   return model

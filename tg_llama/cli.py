@@ -46,7 +46,7 @@ def warm_up(model):
   print("compiling kernels (fast after the first run on this backend)...", end="", file=sys.stderr, flush=True)
   loaded = model.graphs.load() if model.graphs is not None else ()
   # TinyJit runs a function, then captures it; graphs loaded from disk replay at once, and one run sets up their kernels
-  for _ in range(1 if {"prefill", "decode", "greedy"} <= set(loaded) else 3): list(model.generate([model.config.bos_id or 0] * 2, 3))
+  for _ in range(1 if {"prefill", "decode1", "greedy1"} <= set(loaded) else 3): list(model.generate([model.config.bos_id or 0] * 2, 3))
   print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
 def cmd_chat(args) -> int:

@@ -11,3 +11,6 @@ class UnsupportedModelError(TgLlamaError, ValueError):
 
 class ContextLengthError(TgLlamaError, ValueError):
   """A prompt (plus what is asked to be generated) that does not fit in the model's context."""
+
+class EngineBusyError(TgLlamaError):
+  """The engine takes no more requests now: its queue is full, or it is shutting down."""

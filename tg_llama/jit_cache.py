@@ -38,13 +38,11 @@ def graphs_enabled(requested: bool = True) -> bool:
   """Off when load(graph_cache=False), TG_LLAMA_GRAPH_CACHE=0, or tinygrad's JIT is off (nothing is captured then)."""
   return requested and os.environ.get("TG_LLAMA_GRAPH_CACHE", "1") != "0" and bool(JIT.value)
 
-def model_jits(model: Model) -> dict:
-  return {"prefill": model.generator.prefill_jit, "decode": model.generator.decode_jit, "greedy": model.greedy_jit,
-          "sample": model.sample_jit}
+def model_jits(model: Model) -> dict: return model.runner.jits()
 
 def model_state(model: Model) -> dict[str, Tensor]:
   """Every tensor the graphs may use that outlives a call: the model's weights, caches and RoPE tables, the sampler's state."""
-  return get_state_dict({"llama": model.llama, "sampler": model.sampler})
+  return get_state_dict(model.runner.state())
 
 def state_buffers(state: dict[str, Tensor]) -> dict[str, UOp]:
   """The BUFFER uops behind the state tensors, by name (a tensor split over devices may hold several)."""
@@ -90,13 +88,13 @@ def _objects(obj, seen: set[int] | None = None) -> list:
   return [obj] + [o for item in items for o in _objects(item, seen)]
 
 def graph_key(model: Model) -> str:
-  gen, llama = model.generator, model.llama
+  runner, llama = model.runner, model.llama
   renderer = Device[model.backend.device].renderer
   state = sorted((name, u.dtype.name, u.arg.device, u.max_numel()) for name, u in state_buffers(model_state(model)).items())
   parts = (FORMAT, code_identity(model), _tinygrad_version(), model.backend.device, type(renderer).__name__,
            getattr(renderer, "target", None), type(renderer.compiler).__name__, JIT.value, JIT_BATCH_SIZE.value,
            getenv("JITBEAM", BEAM.value), file_identity(model.checkpoint.path), repr(model.config), model.dtype.name,
-           gen.max_context, gen.prefill_chunk, llama.batch_size, model.devices, (llama.start_layer, llama.end_layer), state)
+           runner.max_context, runner.prefill_chunk, runner.slots, model.devices, (llama.start_layer, llama.end_layer), state)
   return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
 
 def _tinygrad_version() -> str:

@@ -1,5 +1,6 @@
 """Llama in tinygrad tensors: embedding, blocks (RMSNorm, GQA attention with half-split RoPE, SwiGLU),
-final norm and output head, with a KV cache per block.
+final norm and output head. The model holds weights only: the keys and values of the sequences it runs live in a
+KVCache (tg_llama/engine/kv_cache.py) passed to each call, so one model serves many sequences, a batch at a time.
 
 A model may be a layer shard: `start_layer..end_layer` of `n_layers`. The first shard embeds token ids,
 the last applies the final norm and the head; a middle shard takes and returns hidden states.
@@ -7,13 +8,17 @@ Attribute names follow Hugging Face's (`self_attn.q_proj`, `mlp.gate_proj`); tg_
 every format onto them. No file I/O here, and the model never knows which format it came from."""
 from __future__ import annotations
 import math
-from typing import Callable
+from typing import TYPE_CHECKING, Callable, Sequence
 import numpy as np
 from tinygrad import Tensor, UOp, dtypes, nn
 from tinygrad.dtype import DType
 from tinygrad.uop.ops import resolve
 from tg_llama.config import LlamaConfig
 from tg_llama.linear import Linear
+if TYPE_CHECKING: from tg_llama.engine.kv_cache import KVCache
+
+# per row of a batch: (cache slot, start position), ints or bound symbolic variables
+Rows = Sequence[tuple["int | UOp", "int | UOp"]]
 
 def rope_tables(config: LlamaConfig, max_context: int, device: str) -> tuple[Tensor, Tensor]:
   """cos and sin of shape (max_context, head_dim//2), float32."""
@@ -49,24 +54,28 @@ class Attention:
     self.k_proj = linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
     self.v_proj = linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
     self.o_proj = linear(config.n_heads * config.head_dim, config.dim, bias=False)
-    self.cache_kv: Tensor | None = None
 
-  def __call__(self, x: Tensor, start_pos: int | UOp, cos: Tensor, sin: Tensor) -> Tensor:
+  def __call__(self, x: Tensor, cache: Tensor, rows: Rows, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (B, T, dim): row b continues the sequence in cache slot rows[b][0] at position rows[b][1].
+    cache (2, slots, KvH, positions, hd) is written at those places, then read up to them."""
     B, T, _ = x.shape
     q = self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)       # (B, H, T, hd)
     k = self.k_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)    # (B, KvH, T, hd)
     v = self.v_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
     q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
-    assert self.cache_kv is not None, "call Llama.setup_cache() before running the model"
-    # write this chunk's keys and values at start_pos, then attend over everything up to it
-    store = self.cache_kv[:, :, :, start_pos:start_pos+T, :].uop.store(Tensor.stack(k, v).cast(self.cache_kv.dtype).uop)
-    cache = Tensor(self.cache_kv.uop.after(store))
-    keys, values = cache[0, :, :, 0:start_pos+T, :].cast(x.dtype), cache[1, :, :, 0:start_pos+T, :].cast(x.dtype)
-    # causal mask aligned to the lower right: query t sees keys up to start_pos+t
-    if resolve(T == 1): out = decode_attention(q, keys, values)
-    else:
-      mask = Tensor.full((1, 1, T, start_pos+T), float("-inf"), dtype=x.dtype, device=x.device).triu(start_pos+1)
-      out = q.scaled_dot_product_attention(keys, values, attn_mask=mask, enable_gqa=True)  # (B, H, T, hd)
+    kv = Tensor.stack(k, v).cast(cache.dtype)                                             # (2, B, KvH, T, hd)
+    stores = [cache[:, slot:slot+1, :, pos:pos+T, :].uop.store(kv[:, b:b+1].uop) for b, (slot, pos) in enumerate(rows)]
+    cache = Tensor(cache.uop.after(*stores))
+    outs = []
+    for b, (slot, pos) in enumerate(rows):
+      # each row attends over its own slot, up to its own position: a symbolic length per row
+      keys, values = cache[0, slot:slot+1, :, 0:pos+T, :].cast(x.dtype), cache[1, slot:slot+1, :, 0:pos+T, :].cast(x.dtype)
+      if resolve(T == 1): outs.append(decode_attention(q[b:b+1], keys, values))
+      else:
+        # causal mask aligned to the lower right: query t sees keys up to pos+t
+        mask = Tensor.full((1, 1, T, pos+T), float("-inf"), dtype=x.dtype, device=x.device).triu(pos+1)
+        outs.append(q[b:b+1].scaled_dot_product_attention(keys, values, attn_mask=mask, enable_gqa=True))  # (1, H, T, hd)
+    out = outs[0] if B == 1 else Tensor.cat(*outs)
     return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
 
 class FeedForward:
@@ -84,8 +93,8 @@ class Block:
     self.post_attention_layernorm = nn.RMSNorm(config.dim, config.norm_eps)
     self.mlp = FeedForward(config, linear)
 
-  def __call__(self, x: Tensor, start_pos: int | UOp, cos: Tensor, sin: Tensor) -> Tensor:
-    h = x + self.self_attn(self.input_layernorm(x), start_pos, cos, sin)
+  def __call__(self, x: Tensor, cache: Tensor, rows: Rows, cos: Tensor, sin: Tensor) -> Tensor:
+    h = x + self.self_attn(self.input_layernorm(x), cache, rows, cos, sin)
     return (h + self.mlp(self.post_attention_layernorm(h))).contiguous()
 
 class Llama:
@@ -112,28 +121,25 @@ class Llama:
     if self.is_last: out.update({**_params("model.norm", self.norm), **_params("lm_head", self.lm_head)})
     return out
 
-  def setup_cache(self, batch_size: int, max_context: int, dtype: DType, device: str):
-    """Allocate every block's KV cache at its full size, and the RoPE tables. Calling it again resets them."""
-    self.max_context, self.batch_size = max_context, batch_size
-    self.cos, self.sin = rope_tables(self.config, max_context, device)
-    for block in self.layers.values():
-      shape = (2, batch_size, self.config.n_kv_heads, max_context, self.config.head_dim)
-      block.self_attn.cache_kv = Tensor.zeros(*shape, dtype=dtype, device=device).contiguous().realize()
+  def setup_rope(self, max_positions: int, device: str | tuple[str, ...]):
+    """The RoPE tables for positions 0..max_positions-1 (every position a KV cache of this model can hold)."""
+    self.cos, self.sin = rope_tables(self.config, max_positions, device)
 
-  def __call__(self, x: Tensor, start_pos: int | UOp, last_only: bool = True, last_index: int | UOp | None = None) -> Tensor:
-    """x: token ids (B, T) on the first shard, else hidden states (B, T, dim).
+  def __call__(self, x: Tensor, cache: KVCache, rows: Rows, last_only: bool = True, last_index: int | UOp | None = None) -> Tensor:
+    """x: token ids (B, T) on the first shard, else hidden states (B, T, dim). Row b continues the sequence in cache
+    slot rows[b][0] from position rows[b][1] (ints or bound variables).
     Returns hidden states (B, T, dim), or on the last shard float32 logits: (B, vocab) for the last
     position when last_only (or for position `last_index` of a padded chunk), else (B, T, vocab)."""
-    assert self.cos is not None and self.sin is not None, "call setup_cache() before running the model"
+    assert self.cos is not None and self.sin is not None, "call setup_rope() before running the model"
     h = self.embed_tokens(x) if self.is_first else x
     T = h.shape[1]
-    cos, sin = self.cos[start_pos:start_pos+T], self.sin[start_pos:start_pos+T]
+    tables = [(self.cos[pos:pos+T], self.sin[pos:pos+T]) for _, pos in rows]
+    cos, sin = (tables[0] if len(rows) == 1 else (Tensor.stack(*[c for c, _ in tables]).unsqueeze(1), Tensor.stack(*[s for _, s in tables]).unsqueeze(1)))
     # one block at a time: scheduled whole, a quantized model's prefill would decode every layer's weights first
-    for block in self.layers.values(): h = block(h, start_pos, cos, sin).realize()
+    for i, block in self.layers.items(): h = block(h, cache.layers[i], rows, cos, sin).realize()
     if not self.is_last: return h
     if last_only: h = h[:, -1:, :] if last_index is None else h[:, last_index:last_index+1, :]
     logits = self.lm_head(self.norm(h)).float()
     return logits[:, -1, :] if last_only else logits
 
-def _params(prefix: str, module) -> dict[str, Tensor]:
-  return {f"{prefix}.{name}": t for name, t in nn.state.get_state_dict(module).items() if not name.startswith("self_attn.cache")}
+def _params(prefix: str, module) -> dict[str, Tensor]: return dict(nn.state.get_state_dict(module, prefix=f"{prefix}."))

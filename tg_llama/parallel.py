@@ -42,8 +42,8 @@ def split_axis(name: str, config: LlamaConfig, n: int) -> int | None:
   return None
 
 def shard_model(llama: Llama, devices: tuple[str, ...]):
-  """Split a loaded model over `devices` in place: its weights and, once setup_cache has run, its KV cache and
-  RoPE tables. setup_cache makes a one-device cache again: call this again after it (split weights stay)."""
+  """Split a loaded model over `devices` in place: its weights and, once setup_rope has run, its RoPE tables
+  (a KV cache splits itself: KVCache.shard)."""
   n = len(devices)
   check_divisible(llama.config, n)
   params = llama.weights()
@@ -53,7 +53,6 @@ def shard_model(llama: Llama, devices: tuple[str, ...]):
   if llama.cos is not None and llama.sin is not None:
     _split(llama.cos, devices, None)
     _split(llama.sin, devices, None)
-    for block in llama.layers.values(): _split(block.self_attn.cache_kv, devices, 2)  # (2, B, n_kv_heads, ctx, head_dim)
 
 def place_input(x: Tensor, devices: tuple[str, ...]) -> Tensor:
   """Token ids (or hidden states) as a model split over `devices` takes them: a copy on every device."""

@@ -118,34 +118,49 @@ def sample(logits: Tensor, knobs: Tensor, key: Tensor, counter: Tensor, seen: Te
   return (x + _knob(knobs, "temperature").eq(0).where(0.0, gumbel)).argmax(1, keepdim=True).cast(dtypes.int32)
 
 class Sampler:
-  """The device state for sampling B sequences over a vocabulary of V: knobs, the seen mask, the rng key and counter.
+  """The device state for sampling up to S sequences (slots) over a vocabulary of V: knobs, the seen mask, the rng key
+  and counter, a row per slot. A batch's rows may be any of the slots, in any order (`slots`, ints or bound
+  variables): a captured graph serves every assignment of sequences to slots.
   Calling it inside a TinyJit is fine: the state lives in fixed buffers that reset() overwrites in place."""
-  def __init__(self, batch: int, vocab: int, device: str|None = None):
-    if batch < 1 or vocab < 1: raise ValueError(f"batch and vocab must be >= 1, but are {batch} and {vocab}")
-    self.batch, self.vocab = batch, vocab
-    self.knobs = pack([SamplingParams()] * batch, device).contiguous().realize()
-    self.seen = Tensor.zeros(batch, vocab, dtype=dtypes.bool, device=device).contiguous().realize()
-    self.key = Tensor.zeros(batch, 1, dtype=dtypes.uint64, device=device).contiguous().realize()
-    self.counter = Tensor.zeros(batch, 1, dtype=dtypes.uint32, device=device).contiguous().realize()
+  def __init__(self, slots: int, vocab: int, device: str|None = None):
+    if slots < 1 or vocab < 1: raise ValueError(f"slots and vocab must be >= 1, but are {slots} and {vocab}")
+    self.slots, self.vocab = slots, vocab
+    self.knobs = pack([SamplingParams()] * slots, device).contiguous().realize()
+    self.seen = Tensor.zeros(slots, vocab, dtype=dtypes.bool, device=device).contiguous().realize()
+    self.key = Tensor.zeros(slots, 1, dtype=dtypes.uint64, device=device).contiguous().realize()
+    self.counter = Tensor.zeros(slots, 1, dtype=dtypes.uint32, device=device).contiguous().realize()
 
-  def reset(self, params: Sequence[SamplingParams], prompts: Sequence[Sequence[int]]|None = None) -> None:
-    """Start B new sequences: one SamplingParams per row (rows with the same seed draw the same numbers), and the
-    prompt's token ids per row, which the repetition penalty counts as seen."""
-    if len(params) != self.batch: raise ValueError(f"need {self.batch} SamplingParams, one per row, but got {len(params)}")
-    if prompts is not None and len(prompts) != self.batch: raise ValueError(f"need {self.batch} prompts, but got {len(prompts)}")
-    seen = np.zeros((self.batch, self.vocab), dtype=np.bool_)
-    for row, ids in enumerate(prompts or []):
+  def reset(self, params: Sequence[SamplingParams], prompts: Sequence[Sequence[int]]|None = None, slots: Sequence[int]|None = None) -> None:
+    """Start new sequences in `slots` (default: the first len(params)): one SamplingParams each (the same seed draws the
+    same numbers), and each one's prompt token ids, which the repetition penalty counts as seen."""
+    slots = list(range(len(params)) if slots is None else slots)
+    if len(params) != len(slots) or not all(0 <= s < self.slots for s in slots):
+      raise ValueError(f"need one SamplingParams per slot in [0, {self.slots}), but got {len(params)} for slots {slots}")
+    if prompts is not None and len(prompts) != len(slots): raise ValueError(f"need {len(slots)} prompts, but got {len(prompts)}")
+    seen, knobs, keys, counter = self.seen.numpy(), self.knobs.numpy(), self.key.numpy(), self.counter.numpy()
+    for row, (slot, p) in enumerate(zip(slots, params)):
+      ids = list(prompts[row]) if prompts is not None else []
       if len(bad := [i for i in ids if not 0 <= i < self.vocab]): raise ValueError(f"prompt {row} has token ids {bad[:5]} outside [0, {self.vocab})")
-      seen[row, list(ids)] = True
-    keys = np.array([[secrets.randbits(64) if p.seed is None else p.seed] for p in params], dtype=np.uint64)
+      seen[slot] = False
+      seen[slot, ids] = True
+      knobs[slot] = pack([p]).numpy()[0]
+      keys[slot], counter[slot] = secrets.randbits(64) if p.seed is None else p.seed, 0
     dev = self.knobs.device
-    Tensor.realize(self.knobs.assign(pack(params, dev)), self.seen.assign(Tensor(seen, device=dev)),
-                   self.key.assign(Tensor(keys, device=dev)), self.counter.assign(Tensor.zeros_like(self.counter).contiguous()))
+    Tensor.realize(self.knobs.assign(Tensor(knobs, device=dev)), self.seen.assign(Tensor(seen, device=dev)),
+                   self.key.assign(Tensor(keys, device=dev)), self.counter.assign(Tensor(counter, device=dev)))
 
-  def __call__(self, logits: Tensor) -> Tensor:
-    """Draws the next tokens (B, 1) int32 from logits (B, V), marks them seen and advances the rng. Realizes, so call it
-    last in the step: under a TinyJit, the state updates must run inside the captured graph, not after it."""
-    if logits.shape != (self.batch, self.vocab): raise ValueError(f"logits must be {(self.batch, self.vocab)}, but are {logits.shape}")
-    tok = sample(logits, self.knobs, self.key, self.counter, self.seen)
-    Tensor.realize(tok, self.seen.assign(mark_seen(self.seen, tok)), self.counter.assign(self.counter + 1))
+  def __call__(self, logits: Tensor, slots: Sequence|None = None) -> Tensor:
+    """Draws the next tokens (B, 1) int32 from logits (B, V), row b for the sequence in slots[b] (default: row b's
+    own slot), marks them seen and advances that slot's rng. Realizes, so call it last in the step: under a TinyJit,
+    the state updates must run inside the captured graph, not after it. No two rows may name the same slot: both would
+    read the state before either writes it back, in no set order."""
+    slots = list(range(logits.shape[0]) if slots is None else slots)
+    if logits.shape != (len(slots), self.vocab) or len(slots) > self.slots:
+      raise ValueError(f"logits must be {(len(slots), self.vocab)} for at most {self.slots} slots, but are {logits.shape}")
+    rows = lambda t: t[slots[0]:slots[0]+1] if len(slots) == 1 else Tensor.cat(*[t[s:s+1] for s in slots])
+    seen, counter = rows(self.seen), rows(self.counter)
+    tok = sample(logits, rows(self.knobs), rows(self.key), counter, seen)
+    seen, counter = mark_seen(seen, tok), counter + 1
+    Tensor.realize(tok, *[self.seen[s:s+1].assign(seen[b:b+1]) for b, s in enumerate(slots)],
+                   *[self.counter[s:s+1].assign(counter[b:b+1]) for b, s in enumerate(slots)])
     return tok

@@ -1,0 +1,225 @@
+"""The engine: requests in, tokens out, many sequences at once (continuous batching).
+
+Each request is a sequence with an explicit state: waiting (no slot yet), prefilling (its prompt goes into its slot a
+chunk at a time), generating, or finished. Every step rebuilds the batch from the sequences: one chunk of one
+prompt, then one batched decode step for every generating sequence; a request joins and leaves between steps. A new
+request takes the free slot that holds the longest prefix of its prompt, and prefills only the rest.
+
+Requests come from any thread (`submit`); the model runs in one thread only: a loop thread (`start`, for a server),
+or the thread that iterates a handle when there is no loop (the Python API, the terminal chat). Results go back a
+token at a time through each request's queue, or a callback.
+
+Not here: HTTP and text (tg_llama/serve/), the model's kernels (tg_llama/engine/runner.py), preemption (a request keeps
+its slot until it finishes or is cancelled)."""
+from __future__ import annotations
+import itertools, queue, threading
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+import numpy as np
+from tg_llama.engine.kv_cache import Slot
+from tg_llama.engine.runner import ModelRunner
+from tg_llama.errors import ContextLengthError, EngineBusyError, TgLlamaError
+from tg_llama.jit_cache import GraphCache
+from tg_llama.sampling import SamplingParams
+
+@dataclass(frozen=True)
+class Request:
+  prompt: tuple[int, ...]
+  max_tokens: int
+  sampling: SamplingParams = SamplingParams()
+  stop_ids: frozenset[int] = frozenset()  # a stop token is emitted (finish_reason "stop") and ends the request
+  logprobs: int | None = None              # None: none; k: the chosen token's log-probability and the k most likely
+  logits: bool = False                     # the first output carries the prompt's next-token logits (numpy, (vocab,))
+
+@dataclass(frozen=True)
+class Output:
+  token: int | None                        # None only for an output that carries logits or an error
+  finish_reason: str | None = None         # "stop", "length", "cancelled", "error", or None (more to come)
+  logprob: float | None = None
+  top_logprobs: tuple[tuple[int, float], ...] = ()
+  logits: np.ndarray | None = None
+  error: TgLlamaError | None = None
+
+@dataclass(eq=False)
+class Sequence:
+  id: int
+  request: Request
+  notify: Callable[[Output], None]
+  slot: Slot | None = None
+  prefilled: int = 0                       # prompt tokens whose keys and values are in the slot
+  cached: int = 0                          # of those, how many were already there (prefix reuse)
+  generated: list[int] = field(default_factory=list)
+  cancelled: bool = False
+  done: bool = False
+
+class Handle:
+  """A submitted request: iterate it for its outputs (the last one has a finish_reason); cancel() ends it at the next step."""
+  def __init__(self, engine: Engine, seq: Sequence, outputs: queue.Queue | None):
+    self.engine, self.seq, self._outputs = engine, seq, outputs
+
+  @property
+  def cached_tokens(self) -> int: return self.seq.cached
+
+  def cancel(self): self.engine.cancel(self)
+
+  def __iter__(self) -> Iterator[Output]:
+    assert self._outputs is not None, "a request submitted with a callback reports through it"
+    try:
+      while True:
+        if self.engine.threaded: out = self._outputs.get()
+        else:
+          while self._outputs.empty():
+            if not self.engine.step(): raise RuntimeError("the engine has nothing to run, yet this request has no output")
+          out = self._outputs.get_nowait()
+        if out.error is not None: raise out.error
+        yield out
+        if out.finish_reason is not None: return
+    finally: self.cancel()  # a consumer that stops early (or Ctrl-C) frees the slot; nothing if it finished
+
+class Engine:
+  def __init__(self, runner: ModelRunner, max_waiting: int = 64):
+    self.runner, self.max_waiting = runner, max_waiting
+    self.max_context, self.vocab = runner.max_context, runner.llama.config.vocab_size
+    self.waiting: list[Sequence] = []
+    self.running: list[Sequence] = []   # holding a slot: prefilling or generating
+    self._lock = threading.Condition()
+    self._ids = itertools.count()
+    self._thread: threading.Thread | None = None
+    self._closing = False
+    self.prefilled_tokens = 0            # prompt tokens run through the model (prefix reuse skips the rest)
+    self.graphs: GraphCache | None = None  # captured graphs on disk: loaded before the first step, saved once captured
+
+  @property
+  def threaded(self) -> bool: return self._thread is not None
+
+  def submit(self, request: Request, notify: Callable[[Output], None] | None = None) -> Handle:
+    """Queue a request (from any thread). Raises ContextLengthError when it cannot fit in the context, EngineBusyError
+    when the queue is full or the engine is closing, ValueError for token ids outside the vocabulary."""
+    n = len(request.prompt)
+    if n == 0: raise ValueError("an empty prompt: give at least one token")
+    if bad := [t for t in request.prompt if not (isinstance(t, (int, np.integer)) and 0 <= t < self.vocab)]:
+      raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab})")
+    if request.max_tokens < 0: raise ValueError(f"max_tokens must be >= 0, got {request.max_tokens}")
+    if n + max(request.max_tokens - 1, 0) > self.max_context:
+      raise ContextLengthError(f"{n} prompt tokens + {request.max_tokens} to generate do not fit in the context of {self.max_context} tokens")
+    outputs = None if notify is not None else queue.Queue()
+    seq = Sequence(next(self._ids), request, notify or outputs.put)
+    with self._lock:
+      if self._closing: raise EngineBusyError("the engine is shutting down")
+      if len(self.waiting) >= self.max_waiting: raise EngineBusyError(f"{len(self.waiting)} requests are already waiting")
+      self.waiting.append(seq)
+      self._lock.notify()
+    return Handle(self, seq, outputs)
+
+  def cancel(self, handle: Handle):
+    with self._lock: handle.seq.cancelled = True
+
+  # *** one step ***
+
+  def step(self) -> bool:
+    """Admit what fits, run one prefill chunk and one decode step; whether there was anything to do."""
+    with self._lock:
+      for seq in [s for s in self.waiting if s.cancelled]: self._finish(seq, Output(None, "cancelled"))
+      for seq in [s for s in self.running if s.cancelled]: self._finish(seq, Output(None, "cancelled"))
+      while self.waiting and (got := self.runner.cache.acquire(list(self.waiting[0].request.prompt))) is not None:
+        seq = self.waiting.pop(0)
+        seq.slot, seq.prefilled = got
+        seq.cached = seq.prefilled
+        self.running.append(seq)
+      prefilling = next((s for s in self.running if s.prefilled < len(s.request.prompt)), None)
+      generating = [s for s in self.running if s.prefilled == len(s.request.prompt) and s.generated]
+    if prefilling is None and not generating: return False
+    try:
+      if self.graphs is not None: self.graphs.load()  # once, at the first step: a model changed after load finds its own
+      if prefilling is not None: self._prefill(prefilling)
+      for i in range(0, len(generating), self.runner.buckets[-1]): self._decode(generating[i:i + self.runner.buckets[-1]])
+      if self.graphs is not None: self.graphs.save_new()  # writes only when a graph was captured that the file lacks
+    except Exception as e:  # the model failed: every sequence it was running fails with it, the engine goes on
+      error = e if isinstance(e, TgLlamaError) else TgLlamaError(f"the model failed: {type(e).__name__}: {e}")
+      with self._lock:
+        for seq in [s for s in (prefilling, *generating) if s is not None and not s.done]: self._finish(seq, Output(None, "error", error=error))
+    return True
+
+  def _prefill(self, seq: Sequence):
+    prompt, slot, chunk = seq.request.prompt, seq.slot, self.runner.prefill_chunk
+    # the whole rest of the prompt when nothing else waits for a step, else one chunk between decode steps
+    end = len(prompt) if len(self.running) == 1 else min(len(prompt), seq.prefilled + chunk)
+    logits = self.runner.prefill(slot.index, prompt[seq.prefilled:end], seq.prefilled)
+    self.prefilled_tokens += end - seq.prefilled
+    slot.tokens = list(prompt[:end])
+    seq.prefilled = end
+    if end < len(prompt): return
+    self.runner.sampler.reset([seq.request.sampling], [prompt], [slot.index])
+    if seq.request.logits: seq.notify(Output(None, None, logits=logits.numpy()[0]))
+    if seq.request.max_tokens == 0:
+      with self._lock: self._finish(seq, Output(None, "length"))
+      return
+    self._emit([seq], logits)
+
+  def _decode(self, seqs: list[Sequence]):
+    rows = [(s.slot.index, len(s.slot.tokens), s.generated[-1]) for s in seqs]
+    logits = self.runner.decode(rows)
+    for s in seqs: s.slot.tokens.append(s.generated[-1])
+    self._emit(seqs, logits)
+
+  def _emit(self, seqs: list[Sequence], logits):
+    greedy = all(s.request.sampling.temperature == 0 and s.request.sampling.repetition_penalty == 1 for s in seqs)
+    tokens = self.runner.sample(logits, [s.slot.index for s in seqs], greedy)
+    wants = [s.request.logprobs is not None for s in seqs]
+    logp = _log_softmax(logits.numpy()[:len(seqs)]) if any(wants) else None
+    with self._lock:
+      for i, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
+        if seq.done: continue
+        seq.generated.append(token)
+        reason = "stop" if token in seq.request.stop_ids else "length" if len(seq.generated) >= seq.request.max_tokens else None
+        lp, top = (None, ())
+        if wants[i]:
+          row, k = logp[i], seq.request.logprobs
+          best = np.argsort(-row, kind="stable")[:k] if k else []
+          lp, top = float(row[token]), tuple((int(t), float(row[t])) for t in best)
+        out = Output(token, reason, lp, top)
+        if reason is None: seq.notify(out)
+        else: self._finish(seq, out)
+
+  def _finish(self, seq: Sequence, last: Output):
+    # with the lock held
+    seq.done = True
+    if seq in self.waiting: self.waiting.remove(seq)
+    if seq in self.running: self.running.remove(seq)
+    if seq.slot is not None: self.runner.cache.release(seq.slot)
+    seq.notify(last)
+
+  # *** the loop thread ***
+
+  def start(self) -> Engine:
+    """Run steps in a thread of their own from now on (for a server); handles then only wait for their outputs."""
+    if self._thread is None:
+      self._thread = threading.Thread(target=self._loop, name="tg-llama-engine", daemon=True)
+      self._thread.start()
+    return self
+
+  def _loop(self):
+    while True:
+      with self._lock:
+        while not (self.waiting or self.running or self._closing): self._lock.wait()
+        if self._closing and not (self.waiting or self.running): return
+      self.step()
+
+  def close(self, error: TgLlamaError | None = None):
+    """Stop admitting requests; end the open ones with `error` (or let them finish when None), and stop the loop."""
+    with self._lock:
+      self._closing = True
+      if error is not None:
+        for seq in [*self.waiting, *self.running]: self._finish(seq, Output(None, "error", error=error))
+      self._lock.notify()
+    if self._thread is not None and self._thread is not threading.current_thread(): self._thread.join()
+
+  def stats(self) -> dict:
+    with self._lock:
+      return {"slots": self.runner.slots, "free_slots": self.runner.cache.free_slots(), "running": len(self.running),
+              "waiting": len(self.waiting), "prefilled_tokens": self.prefilled_tokens}
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+  x = x.astype(np.float64)
+  m = x.max(-1, keepdims=True)
+  return x - m - np.log(np.exp(x - m).sum(-1, keepdims=True))

@@ -1,0 +1,107 @@
+"""The model runner: a whole model on one backend, its KV cache of S slots, and the captured graphs that run it.
+
+Graphs (TinyJit, replayed from C on the CPU by tg_llama/cpu_graph.py): one prefill of a fixed-size chunk of one
+sequence, and per batch bucket (1, 2, 4, ... up to S rows) one decode step and its greedy and sampling heads. Each
+row's cache slot and position are symbolic variables bound per call, so one graph serves every position and every
+assignment of sequences to slots. Prefill runs in chunks of `prefill_chunk` tokens, the last one padded: fixed shapes
+compile to kernels about 3x faster than a symbolic chunk length on the CPU, and the padding's keys and values land in
+slack positions past the context (or are overwritten later) where no real query ever looks. A batch smaller than its
+bucket is padded with copies of its first row: they write the same keys and values to the same place and draw the
+same logits, and their outputs are dropped. Sampling reads and advances per-sequence state, so there the padding rows
+use a scratch row of the sampler's instead (two rows updating one sequence's state would advance it twice).
+
+Not here: which sequences run when (tg_llama/engine/engine.py), speculative decoding."""
+from __future__ import annotations
+from typing import Sequence
+import numpy as np
+from tinygrad import Tensor, UOp, dtypes
+from tinygrad.dtype import DType
+from tg_llama.cpu_graph import Jit
+from tg_llama.engine.kv_cache import KVCache
+from tg_llama.model import Llama
+from tg_llama.parallel import place_input, shard_model
+from tg_llama.sampling import Sampler
+
+def buckets(slots: int) -> tuple[int, ...]:
+  """Batch sizes with a decode graph each: powers of two below `slots`, and `slots`."""
+  return tuple(sorted({*(1 << i for i in range(slots.bit_length()) if 1 << i < slots), slots}))
+
+class ModelRunner:
+  def __init__(self, llama: Llama, device: str, dtype: DType, max_context: int, slots: int = 1, prefill_chunk: int = 64,
+               devices: tuple[str, ...] = ()):
+    if not (llama.is_first and llama.is_last): raise ValueError("ModelRunner runs a whole model; chain layer shards with load_shard")
+    self.llama, self.device, self.max_context, self.devices = llama, device, max_context, devices
+    self.prefill_chunk = min(prefill_chunk, max_context)
+    positions = max_context + self.prefill_chunk  # slack for the last chunk's padding
+    llama.setup_rope(positions, device)
+    self.cache = KVCache(llama.config, range(llama.start_layer, llama.end_layer), slots, positions, dtype, device)
+    if len(devices) > 1:
+      shard_model(llama, devices)
+      self.cache.shard(devices)
+    self.sampler = Sampler(slots + 1, llama.config.vocab_size, device)  # the last row: scratch for a bucket's padding
+    self.buckets = buckets(slots)
+    pos = lambda name: UOp.variable(name, 0, max_context - 1)
+    slot = lambda name: UOp.variable(name, 0, slots - 1)
+    self.v_prefill = (slot("slot"), pos("start_pos"), UOp.variable("last_index", 0, self.prefill_chunk - 1))
+    self.v_rows = {b: [(slot(f"slot{i}"), pos(f"pos{i}")) for i in range(b)] for b in self.buckets}
+    self.v_sample = {b: [UOp.variable(f"row{i}", 0, slots) for i in range(b)] for b in self.buckets}  # sampler rows: slots and scratch
+    self.prefill_jit = Jit(self._prefill)
+    self.decode_jits = {b: Jit(self._decode) for b in self.buckets}
+    self.greedy_jits = {b: Jit(greedy) for b in self.buckets}
+    self.sample_jits = {b: Jit(self._sample) for b in self.buckets}
+
+  @property
+  def slots(self) -> int: return len(self.cache.slots)
+
+  def jits(self) -> dict[str, Jit]:
+    """Every captured graph by name (tg_llama/jit_cache.py saves and loads them)."""
+    out = {"prefill": self.prefill_jit}
+    for b in self.buckets: out.update({f"decode{b}": self.decode_jits[b], f"greedy{b}": self.greedy_jits[b], f"sample{b}": self.sample_jits[b]})
+    return out
+
+  def state(self) -> dict:
+    """Every object whose tensors outlive a call: weights, KV cache and RoPE tables, the sampler's state."""
+    return {"llama": self.llama, "cache": self.cache.layers, "sampler": self.sampler}
+
+  def _prefill(self, tokens: Tensor, slot: UOp, start: UOp, last_index: UOp) -> Tensor:
+    # a model split over devices takes its input on every device and gives logits back on this one
+    return self.llama(place_input(tokens, self.devices), self.cache, [(slot, start)], last_index=last_index).to(self.device).realize()
+
+  def _decode(self, tokens: Tensor, *rows: UOp) -> Tensor:
+    pairs = list(zip(rows[0::2], rows[1::2]))
+    return self.llama(place_input(tokens, self.devices), self.cache, pairs).to(self.device).realize()
+
+  def _sample(self, logits: Tensor, *slots: UOp) -> Tensor: return self.sampler(logits, slots)
+
+  def prefill(self, slot: int, tokens: Sequence[int], start: int) -> Tensor:
+    """Write `tokens` into `slot` from position `start` (the slot holds the keys and values of every position before);
+    the logits (1, vocab) after the last one."""
+    logits = None
+    s, p, last = self.v_prefill
+    for pos in range(0, len(tokens), self.prefill_chunk):
+      chunk = list(tokens[pos:pos + self.prefill_chunk])
+      padded = Tensor(np.array([chunk + [0] * (self.prefill_chunk - len(chunk))], dtype=np.int32), device=self.device).realize()
+      logits = self.prefill_jit(padded, s.bind(slot), p.bind(start + pos), last.bind(len(chunk) - 1))
+    assert logits is not None, "nothing to prefill"
+    return logits
+
+  def bucket(self, n: int) -> int: return next(b for b in self.buckets if b >= n)
+
+  def decode(self, rows: Sequence[tuple[int, int, int]]) -> Tensor:
+    """One step for each (slot, position, token) row: the token goes into its slot at that position; logits (bucket, vocab),
+    a row per input row first, then the padding's."""
+    b = self.bucket(len(rows))
+    rows = list(rows) + [rows[0]] * (b - len(rows))
+    tokens = Tensor(np.array([[t] for _, _, t in rows], dtype=np.int32), device=self.device).realize()
+    args = [v.bind(x) for (vs, vp), (s, p, _) in zip(self.v_rows[b], rows) for v, x in ((vs, s), (vp, p))]
+    return self.decode_jits[b](tokens, *args)
+
+  def sample(self, logits: Tensor, slots: Sequence[int], greedy_only: bool) -> np.ndarray:
+    """Token ids (n,) for the first n = len(slots) rows of `logits` (a bucket's rows), row i for the sequence in slots[i]."""
+    b = logits.shape[0]
+    rows = list(slots) + [self.slots] * (b - len(slots))
+    if greedy_only: tok = self.greedy_jits[b](logits)
+    else: tok = self.sample_jits[b](logits, *[v.bind(s) for v, s in zip(self.v_sample[b], rows)])
+    return tok.numpy()[:len(slots), 0]
+
+def greedy(logits: Tensor) -> Tensor: return logits.argmax(-1, keepdim=True).cast(dtypes.int32).realize()
