@@ -110,7 +110,7 @@ def build_parser() -> argparse.ArgumentParser:
   p = sub.add_parser("bench", help="prefill/decode speed, time to first token, memory, bandwidth (see tg-llama bench --help)", add_help=False)
   p.set_defaults(func=None)
   p = sub.add_parser("cache", help="show or clear the per-backend kernel caches")
-  p.add_argument("--clear", action="store_true", help="delete them")
+  p.add_argument("--clear", action="store_true", help="delete them (only the files tg-llama wrote)")
   p.add_argument("--backend", default=None, help="only this backend's")
   p.set_defaults(func=cmd_cache)
   return parser
@@ -118,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_cache(args) -> int:
   from tg_llama import cache
   if args.clear:
-    for path in cache.clear_caches(args.backend): print(f"removed {path}")
+    for path in cache.clear_caches(args.backend): print(f"removed {path}" if not path.exists() else f"cleared {path} (kept what tg-llama did not write there)")
   else: print(cache.show_caches())
   return 0
 
