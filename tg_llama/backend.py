@@ -50,11 +50,12 @@ def cache_folder(name: str) -> pathlib.Path | None:
   """The backend's cache folder, made private if new; None (after one warning) when another user could have written
   what it holds: the cache root, the folder, its graphs folder or any file of ours in it."""
   folder = backend_cache_dir(name)
-  try: private_dir.touch(private_dir.make(folder) / "cache.db")
-  except OSError as e: return _no_cache(folder, f"cannot create it ({e.strerror or e})")
-  own = [f for pattern in CACHE_FILES for f in folder.glob(pattern)]
-  if (why := private_dir.first_problem([cache_root(), folder, folder / "graphs", *own])) is not None: return _no_cache(folder, why)
-  return folder
+  try:
+    if (why := private_dir.first_problem([cache_root(), private_dir.make(folder)])) is None:
+      private_dir.touch(folder / "cache.db")  # only in a folder of ours
+      why = private_dir.first_problem([folder / "graphs", *(f for pattern in CACHE_FILES for f in folder.glob(pattern))])
+  except OSError as e: why = f"cannot create it ({e.strerror or e})"
+  return folder if why is None else _no_cache(folder, why)
 
 def _no_cache(folder: pathlib.Path, why: str) -> None:
   _warn_once(f"not using the cache in {folder}: {why}; running without a cache (make it yours alone, chmod go-w, "
