@@ -89,7 +89,7 @@ def small_graph():
   def f(x: Tensor) -> Tensor: return ((x * w).contiguous() + 1).exp2().realize()
   return w, f, Tensor([1.0, -1.0, 2.0, 0.0]).contiguous().realize()
 
-def test_a_real_graph_loads_with_the_allowed_classes(cache, tmp_path):
+def test_a_real_graph_loads_with_the_allowed_classes(cache, tmp_path, monkeypatch):
   import tg_llama
   from tg_llama.jit_cache import GRAPH_CLASSES, model_state
   from tiny_models import PROMPT, hf_model, write_hf
@@ -107,6 +107,10 @@ def test_a_real_graph_loads_with_the_allowed_classes(cache, tmp_path):
   assert asked and set(asked) <= GRAPH_CLASSES
   fresh = tg_llama.load(path, max_context=16)
   assert set(fresh.graphs.load()) >= {"prefill", "decode", "greedy"}
+  from tg_llama import jit_cache
+  key = jit_cache.graph_key(model)  # the CPU's kernels are built with -march=native: another CPU gets other files
+  monkeypatch.setattr(jit_cache, "cpu_features", lambda: "flags : fpu sse2")
+  assert jit_cache.graph_key(model) != key
 
 def crafted(module: str, name: str, arg: str) -> bytes:
   """A protocol-4 pickle that calls module.name(arg): protocol 4 resolves a dotted name attribute by attribute."""
@@ -165,7 +169,7 @@ def test_the_runner_is_kept_per_compiler_and_cpu(cache, monkeypatch):
   key = cpu_graph.runner_key(src)
   cpu_graph.runner()
   assert (lib := cache / "cpu" / f"graph_runner_{key}.so").is_file() and mode(lib) == 0o600
-  monkeypatch.setattr(cpu_graph, "_cpu_features", lambda: "flags : fpu sse2")
+  monkeypatch.setattr(cpu_graph, "cpu_features", lambda: "flags : fpu sse2")
   assert cpu_graph.runner_key(src) != key
   clang = subprocess.run(["clang", "--version"], capture_output=True, text=True).stdout
   monkeypatch.setattr(cpu_graph.subprocess, "run", lambda *a, **kw: subprocess.CompletedProcess(a, 0, clang + "another build", ""))

@@ -125,9 +125,10 @@ def runner() -> ctypes.CDLL:
 def runner_key(src: str) -> str:
   """The source, the compiler and the CPU's features: -march=native code must not run on another CPU."""
   clang = subprocess.run(["clang", "--version"], check=True, capture_output=True, text=True).stdout
-  return hashlib.sha256("\0".join((src, clang, _cpu_features())).encode()).hexdigest()[:16]
+  return hashlib.sha256("\0".join((src, clang, cpu_features())).encode()).hexdigest()[:16]
 
-def _cpu_features() -> str:
+def cpu_features() -> str:
+  """This CPU's instruction-set features, as the OS lists them: code built with -march=native runs only where they are all."""
   with contextlib.suppress(OSError):
     with open("/proc/cpuinfo") as f: return next((line for line in f if line.startswith(("flags", "Features"))), "")  # x86, ARM
   return f"{platform.machine()} {platform.processor()} {platform.platform()}"

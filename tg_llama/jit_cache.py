@@ -25,7 +25,8 @@ file from reaching the rest of Python.
 Files of older code or settings stay until more than KEEP pile up; then the least recently used go. `tg-llama cache
 --clear` removes them all, with the kernels.
 
-Not here: sharing graph files between machines (a key holds the checkpoint's local path and mtime)."""
+Not here: sharing graph files between machines (a key holds the checkpoint's local path and mtime; on the CPU, the
+CPU's features too, as its kernels are built for this CPU's instruction set)."""
 from __future__ import annotations
 import contextlib, dataclasses, functools, hashlib, importlib.metadata, os, pathlib, pickle, sys, tempfile, types, warnings
 from typing import TYPE_CHECKING, Callable
@@ -36,6 +37,7 @@ from tinygrad.helpers import BEAM, JIT, JIT_BATCH_SIZE, getenv
 from tinygrad.nn.state import get_state_dict
 from tinygrad.uop.ops import AddrSpace, Ops, UOp
 from tg_llama import private_dir
+from tg_llama.cpu_graph import cpu_features
 if TYPE_CHECKING: from tg_llama.api import Model
 
 FORMAT = 1  # bump when what the files hold changes: old files then get a new key and are never read
@@ -110,7 +112,8 @@ def graph_key(model: Model) -> str:
   parts = (FORMAT, code_identity(model), _tinygrad_version(), model.backend.device, type(renderer).__name__,
            getattr(renderer, "target", None), type(renderer.compiler).__name__, JIT.value, JIT_BATCH_SIZE.value,
            getenv("JITBEAM", BEAM.value), file_identity(model.checkpoint.path), repr(model.config), model.dtype.name,
-           gen.max_context, gen.prefill_chunk, llama.batch_size, model.devices, (llama.start_layer, llama.end_layer), state)
+           gen.max_context, gen.prefill_chunk, llama.batch_size, model.devices, (llama.start_layer, llama.end_layer), state,
+           cpu_features() if model.backend.device.startswith("CPU") else None)  # tinygrad builds CPU kernels with -march=native
   return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
 
 def _tinygrad_version() -> str:
