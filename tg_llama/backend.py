@@ -6,15 +6,20 @@ kernels in its own folder, `~/.cache/tg-llama/<backend>/cache.db` ($XDG_CACHE_HO
 moves the root), so one backend's kernels can be cleared or copied without touching the others. Resolving a
 backend sets up the process for it (kernel cache folder, tinygrad's default device): load() does it first thing.
 
+What a cache holds runs as code (tinygrad unpickles cache.db's rows, graphs hold compiled kernels, the CPU's graph
+runner is a shared library), so a backend's folder is used only while it is this user's alone (tg_llama/private_dir.py):
+made 0700 with a 0600 cache.db, and refused, with one warning, when the root, the folder or a file of ours in it is
+another user's or writable by group or others. Then nothing is cached: kernels go to a temporary folder of the process.
+
 Not here: spreading one model over several devices (see load_shard), choosing kernels (BEAM is tinygrad's knob)."""
 from __future__ import annotations
-import ctypes, os, pathlib
+import ctypes, functools, os, pathlib, warnings
 from dataclasses import dataclass
 from tinygrad import Device, dtypes
 from tinygrad.dtype import DType
 from tinygrad.helpers import DEV, Context
 import tinygrad.helpers as tg_helpers
-from tg_llama import cpu_opts
+from tg_llama import cpu_opts, private_dir
 from tg_llama.errors import TgLlamaError
 
 # our names -> tinygrad device prefixes
@@ -22,6 +27,9 @@ BACKENDS = {"cpu": "CPU", "opencl": "CL", "cuda": "CUDA", "nv": "NV", "amd": "AM
             "webgpu": "WEBGPU", "null": "NULL"}
 ALIASES = {"cl": "opencl"}
 NAMES = {prefix: name for name, prefix in BACKENDS.items()}
+# what tg-llama and tinygrad write in a backend's cache folder: trusted only when they are the user's own, cleared by name
+CACHE_FILES = ("cache.db", "cache.db-wal", "cache.db-shm", "cache.db-journal", "graphs/*.pkl", "graph_runner_*.so")
+PARTIAL_FILES = ("graphs/.tmp-*.tmp", ".tmp-graph_runner_*.so")  # being written, or left by a process that died writing
 # where each backend's set-up is written down (NV is NVIDIA without CUDA's runtime, HIP is AMD through ROCm)
 SETUP_DOCS = {"cpu": "cpu", "opencl": "opencl", "cuda": "cuda", "nv": "cuda", "amd": "amd", "hip": "amd", "metal": "metal"}
 
@@ -30,13 +38,31 @@ class Backend:
   name: str                 # ours: "cpu", "opencl", "cuda", ...
   device: str               # tinygrad's: "CPU", "CL", "CUDA:1", ...
   dtype: DType              # the compute dtype for weights, activations and the KV cache
-  cache_dir: pathlib.Path   # compiled kernels (cache.db) and anything else this backend keeps between runs
+  cache_dir: pathlib.Path | None  # compiled kernels (cache.db) and anything else kept between runs; None: not this user's alone
 
 def cache_root() -> pathlib.Path:
   if root := os.environ.get("TG_LLAMA_CACHE"): return pathlib.Path(root).expanduser().absolute()
   return (pathlib.Path(os.environ.get("XDG_CACHE_HOME") or "~/.cache").expanduser() / "tg-llama").absolute()
 
 def backend_cache_dir(name: str) -> pathlib.Path: return cache_root() / name
+
+def cache_folder(name: str) -> pathlib.Path | None:
+  """The backend's cache folder, made private if new; None (after one warning) when another user could have written
+  what it holds: the cache root, the folder, its graphs folder or any file of ours in it."""
+  folder = backend_cache_dir(name)
+  try:
+    if (why := private_dir.first_problem([cache_root(), private_dir.make(folder)])) is None:
+      private_dir.touch(folder / "cache.db")  # only in a folder of ours
+      why = private_dir.first_problem([folder / "graphs", *(f for pattern in CACHE_FILES for f in folder.glob(pattern))])
+  except OSError as e: why = f"cannot create it ({e.strerror or e})"
+  return folder if why is None else _no_cache(folder, why)
+
+def _no_cache(folder: pathlib.Path, why: str) -> None:
+  _warn_once(f"not using the cache in {folder}: {why}; running without a cache (make it yours alone, chmod go-w, "
+             f"or set TG_LLAMA_CACHE to a folder of your own)")
+
+@functools.cache
+def _warn_once(message: str): warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 def known_backends() -> list[str]: return sorted(set(BACKENDS) - {"null"})
 
@@ -47,7 +73,7 @@ def resolve_backend(name: str | None = None) -> Backend:
   device = _named_device(name) if name else _default_device()
   backend_name = NAMES.get(device.split(":")[0], device.split(":")[0].lower())
   # before the device opens: tinygrad compiles a few kernels of its own when it opens some devices (the CPU's)
-  configure_cache(backend_cache_dir(backend_name))
+  configure_cache(cache_dir := cache_folder(backend_name))
   if (probe_error := _probe(device)) is not None:
     with Context(CACHELEVEL=0): others = [n for n in available_backends() if n != backend_name]
     doc = f"; set it up: backends/{SETUP_DOCS[backend_name]}/README.md" if backend_name in SETUP_DOCS else ""
@@ -58,7 +84,7 @@ def resolve_backend(name: str | None = None) -> Backend:
   if DEV.device != prefix:  # a backend named by us, not by DEV: tinygrad's default device follows it
     DEV.value = prefix
     os.environ["DEV"] = prefix  # as tinygrad does, for the processes it spawns
-  return Backend(backend_name, device, compute_dtype(device), backend_cache_dir(backend_name))
+  return Backend(backend_name, device, compute_dtype(device), cache_dir)
 
 def compute_dtype(device: str) -> DType:
   # float32 on the CPU: tinygrad's CPU kernels are fastest there (half and bfloat16 convert per element, measured)
@@ -71,13 +97,14 @@ def available_backends() -> list[str]:
   """Our names of the backends whose device opens here (each probe opens the device: about a second for all)."""
   return [name for name in known_backends() if _probe(BACKENDS[name]) is None]
 
-def configure_cache(folder: pathlib.Path) -> pathlib.Path:
-  """Point tinygrad's compiled-kernel cache at `folder`/cache.db, before anything compiles for the backend.
+def configure_cache(folder: pathlib.Path | None) -> pathlib.Path:
+  """Point tinygrad's compiled-kernel cache at `folder`/cache.db, before anything compiles for the backend; with no
+  folder, at a private temporary one that lives as long as the process (so no other user's kernels are ever read).
 
   tinygrad reads CACHEDB from the environment once, at import, and compiles in worker processes that it spawns
   (they import tinygrad afresh): so the module value, the open connection and the environment all change here,
   and workers started with the old path are stopped, to be respawned on the next compile."""
-  db = str(folder / "cache.db")
+  db = str((folder or private_dir.temp_folder("kernels")) / "cache.db")
   if tg_helpers.CACHEDB == db and os.environ.get("CACHEDB") == db: return pathlib.Path(db)
   os.environ["CACHEDB"] = tg_helpers.CACHEDB = db
   if tg_helpers._db_connection is not None:

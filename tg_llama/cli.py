@@ -81,7 +81,7 @@ def cmd_convert(args) -> int:
     done[0] += 1
     print(f"\rwrote {done[0]} tensors ({name})".ljust(80), end="", file=sys.stderr, flush=True)
   out = convert_checkpoint(args.src, args.dst, dtype={"float32": dtypes.float32, "float16": dtypes.float16, "bfloat16": dtypes.bfloat16}[args.dtype],
-                           on_tensor=progress)
+                           on_tensor=progress, force=args.force)
   print(f"\nconverted {args.src} -> {out}", file=sys.stderr)
   return 0
 
@@ -103,13 +103,14 @@ def build_parser() -> argparse.ArgumentParser:
   p.set_defaults(func=cmd_generate)
   p = sub.add_parser("convert", help="write any checkpoint as an HF-layout directory (config.json + model.safetensors)")
   p.add_argument("src", help="a GGUF file, an HF or Meta checkpoint directory")
-  p.add_argument("dst", help="the directory to write")
+  p.add_argument("dst", help="the directory to write (written beside it first, moved into place when complete)")
+  p.add_argument("--force", action="store_true", help="replace a non-empty dst (never one that overlaps src)")
   p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], default="float16", help="the stored dtype (default float16)")
   p.set_defaults(func=cmd_convert)
   p = sub.add_parser("bench", help="prefill/decode speed, time to first token, memory, bandwidth (see tg-llama bench --help)", add_help=False)
   p.set_defaults(func=None)
   p = sub.add_parser("cache", help="show or clear the per-backend kernel caches")
-  p.add_argument("--clear", action="store_true", help="delete them")
+  p.add_argument("--clear", action="store_true", help="delete them (only the files tg-llama wrote)")
   p.add_argument("--backend", default=None, help="only this backend's")
   p.set_defaults(func=cmd_cache)
   return parser
@@ -117,7 +118,7 @@ def build_parser() -> argparse.ArgumentParser:
 def cmd_cache(args) -> int:
   from tg_llama import cache
   if args.clear:
-    for path in cache.clear_caches(args.backend): print(f"removed {path}")
+    for path in cache.clear_caches(args.backend): print(f"removed {path}" if not path.exists() else f"cleared {path} (kept what tg-llama did not write there)")
   else: print(cache.show_caches())
   return 0
 

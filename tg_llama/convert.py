@@ -4,13 +4,13 @@ Canonical = Hugging Face's LlamaForCausalLM names and its half-split RoPE layout
 compute). Meta's and llama.cpp's q/k weights use the interleaved layout and are permuted at load;
 a converted checkpoint is therefore a plain HF directory that transformers loads too."""
 from __future__ import annotations
-import contextlib, json, mmap, pathlib, re, shutil, struct
+import contextlib, json, mmap, os, pathlib, re, shutil, struct, tempfile
 from dataclasses import dataclass, replace
 from typing import Callable
 from tinygrad import Device, Tensor, dtypes
 from tinygrad.dtype import DType
 from tg_llama.config import LlamaConfig
-from tg_llama.errors import CheckpointError, UnsupportedModelError
+from tg_llama.errors import CheckpointError, TgLlamaError, UnsupportedModelError
 from tg_llama.formats import gguf, hf, meta
 
 # canonical per-layer suffix -> (GGUF suffix, Meta suffix)
@@ -195,18 +195,57 @@ def save_safetensors(tensors: dict[str, Tensor], path: pathlib.Path, on_tensor: 
       on_tensor(name)
 
 def convert_checkpoint(src: str | pathlib.Path, dst: str | pathlib.Path, dtype: DType = dtypes.float16, device: str = "CPU",
-                       on_tensor: Callable[[str], None] = lambda _: None) -> pathlib.Path:
-  """Write `src` (any format) as an HF-layout directory: config.json + model.safetensors (+ tokenizer files)."""
+                       on_tensor: Callable[[str], None] = lambda _: None, force: bool = False) -> pathlib.Path:
+  """Write `src` (any format) as an HF-layout directory: config.json + model.safetensors (+ tokenizer files).
+
+  Written into a temporary folder beside `dst` and moved into place once complete: a failed or interrupted conversion
+  leaves `dst` as it was. An existing non-empty `dst` is replaced only with force=True, and never when it is, holds or
+  lies inside the checkpoint (after symlinks)."""
   if dtype not in _ST_DTYPES: raise UnsupportedModelError(f"cannot write dtype {dtype} (choose float32, float16 or bfloat16)")
+  src, dst = pathlib.Path(src), pathlib.Path(dst)
+  target = check_destination(src, dst, force)
   ckpt = open_checkpoint(src)
   check_weights(ckpt)
-  dst = pathlib.Path(dst)
-  dst.mkdir(parents=True, exist_ok=True)
-  names = [n for n in canonical_shapes(ckpt.config) if not (n == "lm_head.weight" and ckpt.config.tie_embeddings)]
-  save_safetensors({n: ckpt.tensors[n](device).cast(dtype) for n in names}, dst / "model.safetensors", on_tensor)
-  (dst / "config.json").write_text(json.dumps(ckpt.config.to_hf(), indent=2))
-  copy_tokenizer(ckpt, dst)
+  target.parent.mkdir(parents=True, exist_ok=True)
+  tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.converting-", dir=target.parent))
+  try:
+    os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's folder is 0700; the result gets the mode mkdir would give it
+    names = [n for n in canonical_shapes(ckpt.config) if not (n == "lm_head.weight" and ckpt.config.tie_embeddings)]
+    save_safetensors({n: ckpt.tensors[n](device).cast(dtype) for n in names}, tmp / "model.safetensors", on_tensor)
+    (tmp / "config.json").write_text(json.dumps(ckpt.config.to_hf(), indent=2))
+    copy_tokenizer(ckpt, tmp)
+    _move_into_place(tmp, target)
+  except BaseException:
+    shutil.rmtree(tmp, ignore_errors=True)
+    raise
   return dst
+
+def check_destination(src: pathlib.Path, dst: pathlib.Path, force: bool) -> pathlib.Path:
+  """Where `dst` really is (symlinks resolved), once it is clear that writing there destroys nothing it should not."""
+  target = dst.resolve()
+  read = {src.resolve(), *(f.resolve() for f in (src.iterdir() if src.is_dir() else ()))}  # an HF snapshot's files link to blobs
+  if any(r == target or target in r.parents or r in target.parents for r in read):
+    raise TgLlamaError(f"cannot convert {src} into {dst}: the destination is, holds or lies inside the checkpoint it reads; "
+                       f"choose a folder outside it")
+  if target.exists() and not target.is_dir(): raise TgLlamaError(f"cannot convert into {dst}: it exists and is not a directory")
+  if target.is_dir() and any(target.iterdir()) and not force:
+    raise TgLlamaError(f"{dst} exists and is not empty; pass --force (force=True) to replace it once the conversion is complete")
+  return target
+
+def _move_into_place(tmp: pathlib.Path, target: pathlib.Path):
+  if not target.exists() or not any(target.iterdir()): return os.replace(tmp, target)  # rename replaces an empty folder
+  aside = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.replaced-", dir=target.parent))
+  try:
+    os.replace(target, aside / target.name)
+    try: os.replace(tmp, target)
+    except BaseException:
+      os.replace(aside / target.name, target)
+      raise
+  finally: shutil.rmtree(aside, ignore_errors=True)  # the old folder, once the new one is in its place
+
+def _umask() -> int:
+  os.umask(mask := os.umask(0o022))
+  return mask
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json",
                    "chat_template.jinja")

@@ -15,13 +15,14 @@ into the table before each replay.
 Not here: other backends (their own graph runners exist in tinygrad), graphs with copies or several devices
 (those replay through tinygrad as before)."""
 from __future__ import annotations
-import ctypes, functools, hashlib, os, pathlib, subprocess, tempfile, threading, warnings
+import contextlib, ctypes, functools, hashlib, os, pathlib, platform, subprocess, tempfile, threading, warnings
 import numpy as np
 from tinygrad.engine.jit import CapturedJit, _TinyJit
 from tinygrad.engine.realize import get_call_arg_uops, get_runtime
 from tinygrad.helpers import NUM_CPU_THREADS
 from tinygrad.uop.ops import Ops, UOp
-from tg_llama.backend import backend_cache_dir
+from tg_llama import private_dir
+from tg_llama.backend import cache_folder
 
 MAX_ARGS = 24  # arguments a kernel may take here (tinygrad's CPU programs allow 63; ours use about 10)
 WORDS = 3 + MAX_ARGS  # per kernel: function, core parts, core_id slot, arguments
@@ -109,21 +110,44 @@ def _source() -> str:
 
 @functools.cache
 def runner() -> ctypes.CDLL:
-  """The C runner, compiled once per source into the user's cache and loaded with its thread pool started."""
-  src = _source()
-  cache = backend_cache_dir("cpu")
-  lib = cache / f"graph_runner_{hashlib.sha256(src.encode()).hexdigest()[:16]}.so"
-  if not lib.is_file():
-    cache.mkdir(parents=True, exist_ok=True)
-    with tempfile.TemporaryDirectory(dir=cache) as tmp:  # beside the library: os.replace cannot cross file systems
-      (c := pathlib.Path(tmp) / "runner.c").write_text(src)
-      subprocess.run(["clang", "-O2", "-march=native", "-shared", "-fPIC", "-pthread", str(c), "-o", str(out := pathlib.Path(tmp) / "r.so")],
-                     check=True, capture_output=True)
-      os.replace(out, lib)  # atomic: a concurrent process sees the whole file or none
-  dll = ctypes.CDLL(str(lib))
+  """The C runner, loaded with its thread pool started. Built once per source, compiler and CPU (it is built for this
+  CPU's instruction set) into the CPU backend's cache folder; when that folder is not the user's alone, built afresh in
+  a private temporary folder, so that no library another user could have planted is ever loaded."""
+  src, cache = _source(), cache_folder("cpu")
+  lib = None if cache is None else cache / f"graph_runner_{runner_key(src)}.so"
+  with tempfile.TemporaryDirectory(prefix="tg-llama-runner-") as tmp:  # private (0700); gone once the library is loaded
+    if lib is None or not lib.is_file() or private_dir.problem(lib) is not None: lib = _build(src, pathlib.Path(tmp), lib)
+    dll = ctypes.CDLL(str(lib))
   dll.tg_run.argtypes, dll.tg_run.restype = [ctypes.c_void_p, ctypes.c_int64], None
   if dll.tg_start(threads()) != 0: raise OSError("could not start the CPU graph's threads")
   return dll
+
+def runner_key(src: str) -> str:
+  """The source, the compiler and the CPU's features: -march=native code must not run on another CPU."""
+  clang = subprocess.run(["clang", "--version"], check=True, capture_output=True, text=True).stdout
+  return hashlib.sha256("\0".join((src, clang, cpu_features())).encode()).hexdigest()[:16]
+
+def cpu_features() -> str:
+  """This CPU's instruction-set features, as the OS lists them: code built with -march=native runs only where they are all."""
+  with contextlib.suppress(OSError):
+    with open("/proc/cpuinfo") as f: return next((line for line in f if line.startswith(("flags", "Features"))), "")  # x86, ARM
+  return f"{platform.machine()} {platform.processor()} {platform.platform()}"
+
+def _build(src: str, tmp: pathlib.Path, lib: pathlib.Path | None) -> pathlib.Path:
+  """Compile the runner in `tmp`; then copy it to `lib` (whole or not at all), if there is one. The library to load."""
+  (c := tmp / "runner.c").write_text(src)
+  subprocess.run(["clang", "-O2", "-march=native", "-shared", "-fPIC", "-pthread", str(c), "-o", str(out := tmp / "r.so")],
+                 check=True, capture_output=True)
+  if lib is None: return out
+  try:
+    with tempfile.NamedTemporaryFile(dir=lib.parent, prefix=".tmp-graph_runner_", suffix=".so", delete=False) as f:  # 0600
+      try: f.write(out.read_bytes())
+      except BaseException:
+        os.unlink(f.name)
+        raise
+    os.replace(f.name, lib)  # atomic: a concurrent process sees the whole file or none
+  except OSError: return out  # a cache that cannot be written: this process's own copy still runs
+  return lib
 
 @functools.cache
 def runner_available() -> bool:

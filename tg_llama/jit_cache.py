@@ -13,13 +13,20 @@ source of the modules that build them included. Graphs are looked up at the mode
 model changed after load (quantized, say) finds the graphs of what it has become. A file that does not fit the model or
 does not unpickle is ignored with a warning: the graphs are captured again and the file rewritten.
 
-Loading a pickle runs code: only files that this module wrote into the backend's cache folder are read, so that folder
-must be as trusted as the code itself.
+A graph file is code: its kernels are machine code that runs on replay, and unpickling builds tinygrad objects. So files
+are read and written only in a backend cache folder that is this user's alone (tg_llama/backend.py's cache_folder, else
+there are no graph files), and the reader builds only the exact (module, name) pairs that a captured graph holds
+(GRAPH_CLASSES): a file that names anything else (os.system, builtins, a dotted name, any other tinygrad function) is
+refused before anything in it runs. Not defended against: a crafted file that drives the allowed classes (their
+constructors and __setstate__ build UOps and Tensors from its data), or that simply holds a kernel of its own, which
+runs as machine code at the first replay. So the folder must stay the user's own; the allow-list only keeps a foreign
+file from reaching the rest of Python.
 
 Files of older code or settings stay until more than KEEP pile up; then the least recently used go. `tg-llama cache
 --clear` removes them all, with the kernels.
 
-Not here: sharing graph files between machines (a key holds the checkpoint's local path and mtime)."""
+Not here: sharing graph files between machines (a key holds the checkpoint's local path and mtime; on the CPU, the
+CPU's features too, as its kernels are built for this CPU's instruction set)."""
 from __future__ import annotations
 import contextlib, dataclasses, functools, hashlib, importlib.metadata, os, pathlib, pickle, sys, tempfile, types, warnings
 from typing import TYPE_CHECKING, Callable
@@ -29,10 +36,19 @@ from tinygrad.engine.jit import CapturedJit
 from tinygrad.helpers import BEAM, JIT, JIT_BATCH_SIZE, getenv
 from tinygrad.nn.state import get_state_dict
 from tinygrad.uop.ops import AddrSpace, Ops, UOp
+from tg_llama import private_dir
+from tg_llama.cpu_graph import cpu_features
 if TYPE_CHECKING: from tg_llama.api import Model
 
 FORMAT = 1  # bump when what the files hold changes: old files then get a new key and are never read
 KEEP = 32   # graph files per backend: the least recently used go when there are more (each edit of the model code makes new keys)
+# what find_class was asked for while loading the tiny model's captured graphs with tinygrad 0.14 (CPU and OpenCL, one and two
+# devices, float32 and float16, int8/int4/GGUF-quantized: the same 16 each time); one missing costs a warning and a capture
+GRAPH_CLASSES = frozenset({
+  ("tinygrad.codegen.opt", "Opt"), ("tinygrad.codegen.opt", "OptOps"), ("tinygrad.dtype", "AddrSpace"), ("tinygrad.dtype", "ConstFloat"),
+  ("tinygrad.dtype", "DType"), ("tinygrad.engine.jit", "CapturedJit"), ("tinygrad.helpers", "Target"), ("tinygrad.renderer", "Estimates"),
+  ("tinygrad.tensor", "Tensor"), ("tinygrad.uop", "Ops"), ("tinygrad.uop.ops", "AxisType"), ("tinygrad.uop.ops", "CallInfo"),
+  ("tinygrad.uop.ops", "KernelInfo"), ("tinygrad.uop.ops", "ParamArg"), ("tinygrad.uop.ops", "ProgramInfo"), ("tinygrad.uop.ops", "UOp")})
 
 def graphs_enabled(requested: bool = True) -> bool:
   """Off when load(graph_cache=False), TG_LLAMA_GRAPH_CACHE=0, or tinygrad's JIT is off (nothing is captured then)."""
@@ -94,19 +110,23 @@ def graph_key(model: Model) -> str:
   parts = (FORMAT, code_identity(model), _tinygrad_version(), model.backend.device, type(renderer).__name__,
            getattr(renderer, "target", None), type(renderer.compiler).__name__, JIT.value, JIT_BATCH_SIZE.value,
            getenv("JITBEAM", BEAM.value), file_identity(model.checkpoint.path), repr(model.config), model.dtype.name,
-           runner.max_context, runner.prefill_chunk, runner.slots, model.devices, (llama.start_layer, llama.end_layer), state)
+           runner.max_context, runner.prefill_chunk, runner.slots, model.devices, (llama.start_layer, llama.end_layer), state,
+           cpu_features() if model.backend.device.startswith("CPU") else None)  # tinygrad builds CPU kernels with -march=native
   return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
 
 def _tinygrad_version() -> str:
   try: return importlib.metadata.version("tinygrad")
   except importlib.metadata.PackageNotFoundError: return f"source at {pathlib.Path(sys.modules['tinygrad'].__file__).parent}"
 
-def graph_path(model: Model) -> pathlib.Path: return model.backend.cache_dir / "graphs" / f"{graph_key(model)}.pkl"
+def graph_path(model: Model) -> pathlib.Path | None:
+  """The model's graph file; None when the backend has no cache folder of the user's own."""
+  return None if model.backend.cache_dir is None else model.backend.cache_dir / "graphs" / f"{graph_key(model)}.pkl"
 
 class GraphCache:
   """The captured graphs of some TinyJits (by name) in one file. `locate` gives the file for the state as it is now, and
-  `state` the tensors whose buffers are written by name: both are asked again at each save."""
-  def __init__(self, jits: dict, state: Callable[[], dict[str, Tensor]], locate: Callable[[], pathlib.Path]):
+  `state` the tensors whose buffers are written by name: both are asked again at each save. No file (None): nothing is
+  read or written."""
+  def __init__(self, jits: dict, state: Callable[[], dict[str, Tensor]], locate: Callable[[], pathlib.Path | None]):
     self.jits, self.state, self.locate = jits, state, locate
     self.path: pathlib.Path | None = None  # the file last read or written
     self.saved: set[str] = set()           # the JITs whose graphs that file holds
@@ -124,7 +144,8 @@ class GraphCache:
     self.looked = True
     try:
       self.path = self.locate()
-      if not self.path.is_file(): return ()
+      if self.path is None or not self.path.is_file(): return ()
+      if (why := private_dir.problem(self.path)) is not None: raise PermissionError(why)
       with open(self.path, "rb") as f: data = _Reader(f, state_buffers(self.state())).load()
       if not (isinstance(data, dict) and data.get("format") == FORMAT and isinstance(graphs := data.get("graphs"), dict)
               and set(graphs) <= set(self.jits) and all(isinstance(c, CapturedJit) for c in graphs.values())):
@@ -152,8 +173,9 @@ class GraphCache:
                     f"(was the model changed after its first call?): {next(iter(outside.values()))[:3]}", RuntimeWarning)
       return False
     try:
-      self.path = self.locate()
-      self.path.parent.mkdir(parents=True, exist_ok=True)
+      if (path := self.locate()) is None: return False
+      self.path = path
+      private_dir.make(path.parent)
       with tempfile.NamedTemporaryFile(dir=self.path.parent, prefix=".tmp-", suffix=".tmp", delete=False) as f:
         try: _Writer(f, names).dump({"format": FORMAT, "graphs": graphs})
         except BaseException:
@@ -202,9 +224,7 @@ class _Reader(pickle.Unpickler):
     self.made: dict[tuple, UOp] = {}
 
   def find_class(self, module: str, name: str):
-    # a graph holds tinygrad objects only. No defence against a crafted file (tinygrad's own classes can run code),
-    # just a refusal of anything that plainly is not ours
-    if module.split(".")[0] != "tinygrad": raise pickle.UnpicklingError(f"refusing {module}.{name}: not a tinygrad class")
+    if (module, name) not in GRAPH_CLASSES: raise pickle.UnpicklingError(f"refusing {module}.{name}: not a class that a graph holds")
     return super().find_class(module, name)
 
   def persistent_load(self, pid):
