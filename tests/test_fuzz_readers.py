@@ -133,8 +133,8 @@ def test_safetensors_header_fields(hf_src, data):
     name = data.draw(st.sampled_from(names))
     field = data.draw(st.sampled_from(["dtype", "shape", "data_offsets", "entry", "offsets_of"]))
     if field == "entry": header[name] = data.draw(JSON)
-    elif field == "offsets_of" and isinstance(header[name], dict): header[name]["data_offsets"] = header[data.draw(st.sampled_from(names))].get("data_offsets") \
-      if isinstance(header[data.draw(st.sampled_from(names))], dict) else None
+    elif field == "offsets_of" and isinstance(header[name], dict) and isinstance(other := header[data.draw(st.sampled_from(names))], dict):
+      header[name]["data_offsets"] = other.get("data_offsets")  # another tensor's bytes
     elif isinstance(header[name], dict):
       header[name][field] = data.draw(JSON | st.lists(EDGE_INTS, max_size=3) | st.sampled_from(["F32", "F16", "BF16", "I32", "BOOL", "U8", "F64"]))
   blob = json.dumps(header).encode()

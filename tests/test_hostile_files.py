@@ -128,7 +128,7 @@ def test_gguf_overlapping_tensors(gguf_src, tmp_path):
   kv, tensors, data = gguf_src
   offsets = {name: off for name, _, _, off in tensors}
   tensors = [(n, s, t, offsets["blk.0.attn_q.weight"] if n == "blk.0.attn_k.weight" else o) for n, s, t, o in tensors]
-  refused(write_gguf_parts(tmp_path / "m.gguf", kv, tensors, data), r"m\.gguf: tensors blk\.0\.attn_(q|k)\.weight and blk\.0\.attn_(q|k)\.weight overlap")
+  refused(write_gguf_parts(tmp_path / "m.gguf", kv, tensors, data), r"m\.gguf: tensors blk\.0\.attn_[qk]\.weight and blk\.0\.attn_[qk]\.weight overlap")
 
 def test_gguf_tensor_named_twice(gguf_src, tmp_path):
   kv, tensors, data = gguf_src
@@ -363,4 +363,5 @@ def test_pth_pickle_claiming_gigabytes(meta_src, tmp_path, compress):
 
 def test_pth_compressed_pickle(meta_src, tmp_path):
   """torch stores data.pkl uncompressed; a deflated one could inflate 1000:1, so it is refused unread."""
-  refused(write_meta_parts(tmp_path / "meta", *meta_src, compress_pickle=True), r"consolidated\.00\.pth: data\.pkl is compressed; torch never writes that")
+  path = write_meta_parts(tmp_path / "meta", *meta_src, compress_pickle=True)
+  refused(path, r"consolidated\.00\.pth: data\.pkl is compressed; torch never writes that")
