@@ -6,7 +6,7 @@ Not here: anything about weights or files beyond the config dicts; architectures
 from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
-from tg_llama.errors import UnsupportedModelError
+from tg_llama.errors import CheckpointError, UnsupportedModelError
 
 @dataclass(frozen=True)
 class Llama3RopeScaling:
@@ -69,62 +69,79 @@ class LlamaConfig:
   # ---- constructors, one per source ----
 
   @staticmethod
-  def from_hf(cfg: dict) -> LlamaConfig:
+  def from_hf(cfg: dict, src: str = "config.json") -> LlamaConfig:
+    _check_dict(cfg, src)
     model_type = cfg.get("model_type", "")
-    if model_type not in HF_LLAMA_TYPES:
-      raise UnsupportedModelError(f"unsupported architecture {model_type or cfg.get('architectures')!r}: tg-llama runs Llama-architecture "
-                                  f"models ({', '.join(sorted(HF_LLAMA_TYPES))})")
-    for flag in ("attention_bias", "mlp_bias"):
-      if cfg.get(flag): raise UnsupportedModelError(f"{model_type} with {flag}=true is not a Llama architecture tg-llama runs")
-    if cfg.get("hidden_act", "silu") != "silu": raise UnsupportedModelError(f"hidden_act {cfg['hidden_act']!r} is not supported (SwiGLU needs silu)")
+    if not isinstance(model_type, str) or model_type not in HF_LLAMA_TYPES:
+      raise UnsupportedModelError(f"{src}: unsupported architecture {_short(model_type or cfg.get('architectures'))}: tg-llama runs "
+                                  f"Llama-architecture models ({', '.join(sorted(HF_LLAMA_TYPES))})")
+    for key in ("attention_bias", "mlp_bias"):
+      if cfg.get(key): raise UnsupportedModelError(f"{src}: {model_type} with {key}=true is not a Llama architecture tg-llama runs")
+    if cfg.get("hidden_act", "silu") != "silu":
+      raise UnsupportedModelError(f"{src}: hidden_act {_short(cfg['hidden_act'])} is not supported (SwiGLU needs silu)")
     # transformers 5 writes rope_parameters; transformers 4 writes rope_theta and rope_scaling at the top level
-    rope = dict(cfg.get("rope_parameters") or {})
-    theta = rope.get("rope_theta", cfg.get("rope_theta", 10000.0))
-    scaling = rope if rope.get("rope_type", "default") != "default" else (cfg.get("rope_scaling") or {})
-    max_context = cfg.get("max_position_embeddings", 4096)
-    if model_type == "mistral" and (window := cfg.get("sliding_window")): max_context = min(max_context, window)  # exact within the window
-    eos = cfg.get("eos_token_id")
-    return LlamaConfig(
-      dim=cfg["hidden_size"], n_layers=cfg["num_hidden_layers"], n_heads=cfg["num_attention_heads"],
-      n_kv_heads=cfg.get("num_key_value_heads") or cfg["num_attention_heads"], head_dim=cfg.get("head_dim") or 0,
-      hidden_dim=cfg["intermediate_size"], vocab_size=cfg["vocab_size"], norm_eps=cfg.get("rms_norm_eps", 1e-6),
-      rope_theta=float(theta), rope_scaling=_hf_rope_scaling(scaling), tie_embeddings=bool(cfg.get("tie_word_embeddings", False)),
-      max_context=max_context, bos_id=cfg.get("bos_token_id"),
-      eos_ids=tuple(eos) if isinstance(eos, list) else (() if eos is None else (eos,)))
+    rope = _check_dict(cfg.get("rope_parameters") or {}, src, "rope_parameters")
+    theta = number(rope, "rope_theta", src, float, number(cfg, "rope_theta", src, float, 10000.0))
+    scaling = rope if rope.get("rope_type", "default") != "default" else _check_dict(cfg.get("rope_scaling") or {}, src, "rope_scaling")
+    max_context = number(cfg, "max_position_embeddings", src, default=4096)
+    if model_type == "mistral" and (window := number(cfg, "sliding_window", src, default=0)): max_context = min(max_context, window)
+    n_heads = number(cfg, "num_attention_heads", src)
+    return _make(src, dim=number(cfg, "hidden_size", src), n_layers=number(cfg, "num_hidden_layers", src), n_heads=n_heads,
+                 n_kv_heads=number(cfg, "num_key_value_heads", src, default=n_heads), head_dim=number(cfg, "head_dim", src, default=0),
+                 hidden_dim=number(cfg, "intermediate_size", src), vocab_size=number(cfg, "vocab_size", src),
+                 norm_eps=number(cfg, "rms_norm_eps", src, float, 1e-6), rope_theta=theta, rope_scaling=_hf_rope_scaling(scaling, src),
+                 tie_embeddings=flag(cfg, "tie_word_embeddings", src), max_context=max_context,
+                 bos_id=number(cfg, "bos_token_id", src, default=None, minimum=0), eos_ids=token_ids(cfg.get("eos_token_id"), src, "eos_token_id"))
 
   @staticmethod
-  def from_meta(params: dict, vocab_size: int | None = None) -> LlamaConfig:
+  def from_meta(params: dict, vocab_size: int | None = None, src: str = "params.json") -> LlamaConfig:
     """Meta's params.json. Llama 2 writes vocab_size -1: pass the size read off the weights."""
-    dim, multiple_of = params["dim"], params.get("multiple_of", 256)
+    _check_dict(params, src)
+    dim, multiple_of = number(params, "dim", src), number(params, "multiple_of", src, default=256)
     hidden = int(2 * 4 * dim / 3)  # as Meta's FeedForward computes it
-    if (mult := params.get("ffn_dim_multiplier")) is not None: hidden = int(mult * hidden)
+    if (mult := number(params, "ffn_dim_multiplier", src, float, None)) is not None:
+      if not math.isfinite(mult * hidden): raise CheckpointError(f"{src}: ffn_dim_multiplier {mult} makes an infinite feed-forward size")
+      hidden = int(mult * hidden)
     hidden = multiple_of * ((hidden + multiple_of - 1) // multiple_of)
-    vocab = params.get("vocab_size", -1)
-    if vocab is None or vocab <= 0:
-      if vocab_size is None: raise UnsupportedModelError("params.json has no vocab_size and none was read off the weights")
+    vocab = number(params, "vocab_size", src, default=-1, minimum=-1)
+    if vocab <= 0:
+      if vocab_size is None: raise UnsupportedModelError(f"{src}: params.json has no vocab_size and none was read off the weights")
       vocab = vocab_size
-    theta = float(params.get("rope_theta", 10000.0))
-    scaled = bool(params.get("use_scaled_rope", False))
-    max_context = params.get("max_seq_len") or (131072 if scaled else 8192 if theta >= 500000 else 4096)
-    return LlamaConfig(dim=dim, n_layers=params["n_layers"], n_heads=params["n_heads"], n_kv_heads=params.get("n_kv_heads") or 0,
-                       hidden_dim=hidden, vocab_size=vocab, norm_eps=params.get("norm_eps", 1e-5), rope_theta=theta,
-                       rope_scaling=Llama3RopeScaling() if scaled else None, max_context=max_context)
+    theta = number(params, "rope_theta", src, float, 10000.0)
+    scaled = flag(params, "use_scaled_rope", src)
+    max_context = number(params, "max_seq_len", src, default=131072 if scaled else 8192 if theta >= 500000 else 4096)
+    return _make(src, dim=dim, n_layers=number(params, "n_layers", src), n_heads=number(params, "n_heads", src),
+                 n_kv_heads=number(params, "n_kv_heads", src, default=0), hidden_dim=hidden, vocab_size=vocab,
+                 norm_eps=number(params, "norm_eps", src, float, 1e-5), rope_theta=theta, rope_scaling=Llama3RopeScaling() if scaled else None,
+                 max_context=max_context)
 
   @staticmethod
-  def from_gguf(kv: dict, rope_freq_factors: tuple[float, ...] | None = None) -> LlamaConfig:
+  def from_gguf(kv: dict, rope_freq_factors: tuple[float, ...] | None = None, src: str = "GGUF metadata") -> LlamaConfig:
     arch = kv.get("general.architecture")
-    if arch != "llama": raise UnsupportedModelError(f"unsupported GGUF architecture {arch!r}: tg-llama runs 'llama' models")
-    if kv.get("llama.expert_count", 0): raise UnsupportedModelError("GGUF llama with experts (a MoE) is not supported")
-    n_heads, dim = kv["llama.attention.head_count"], kv["llama.embedding_length"]
-    head_dim = kv.get("llama.attention.key_length", dim // n_heads)
-    if kv.get("llama.rope.dimension_count", head_dim) != head_dim: raise UnsupportedModelError("partial rotary embeddings are not supported")
-    vocab = kv.get("llama.vocab_size") or len(kv.get("tokenizer.ggml.tokens", ()))
-    eos = kv.get("tokenizer.ggml.eos_token_id")
-    return LlamaConfig(dim=dim, n_layers=kv["llama.block_count"], n_heads=n_heads, n_kv_heads=kv.get("llama.attention.head_count_kv", n_heads),
-                       head_dim=head_dim, hidden_dim=kv["llama.feed_forward_length"], vocab_size=vocab,
-                       norm_eps=kv.get("llama.attention.layer_norm_rms_epsilon", 1e-5), rope_theta=float(kv.get("llama.rope.freq_base", 10000.0)),
-                       rope_freq_factors=rope_freq_factors, max_context=kv.get("llama.context_length", 4096),
-                       bos_id=kv.get("tokenizer.ggml.bos_token_id"), eos_ids=() if eos is None else (eos,))
+    if arch != "llama": raise UnsupportedModelError(f"{src}: unsupported GGUF architecture {_short(arch)}: tg-llama runs 'llama' models")
+    if number(kv, "llama.expert_count", src, default=0, minimum=0):
+      raise UnsupportedModelError(f"{src}: GGUF llama with experts (a MoE) is not supported")
+    n_heads, dim = number(kv, "llama.attention.head_count", src), number(kv, "llama.embedding_length", src)
+    head_dim = number(kv, "llama.attention.key_length", src, default=dim // n_heads)
+    if number(kv, "llama.rope.dimension_count", src, default=head_dim) != head_dim:
+      raise UnsupportedModelError(f"{src}: partial rotary embeddings are not supported")
+    tokens = kv.get("tokenizer.ggml.tokens", [])
+    if not isinstance(tokens, list): raise CheckpointError(f"{src}: tokenizer.ggml.tokens must be an array, got {type(tokens).__name__}")
+    if not (vocab := number(kv, "llama.vocab_size", src, default=len(tokens))):
+      raise CheckpointError(f"{src}: no llama.vocab_size and no tokenizer.ggml.tokens")
+    if rope_freq_factors is not None:
+      if len(rope_freq_factors) != head_dim // 2:
+        raise CheckpointError(f"{src}: rope_freqs.weight has {len(rope_freq_factors)} factors, head_dim {head_dim} needs {head_dim // 2}")
+      if not all(math.isfinite(f) and f > 0 for f in rope_freq_factors):
+        raise CheckpointError(f"{src}: rope_freqs.weight holds a factor that is not finite and positive")
+    return _make(src, dim=dim, n_layers=number(kv, "llama.block_count", src), n_heads=n_heads,
+                 n_kv_heads=number(kv, "llama.attention.head_count_kv", src, default=n_heads), head_dim=head_dim,
+                 hidden_dim=number(kv, "llama.feed_forward_length", src), vocab_size=vocab,
+                 norm_eps=number(kv, "llama.attention.layer_norm_rms_epsilon", src, float, 1e-5),
+                 rope_theta=number(kv, "llama.rope.freq_base", src, float, 10000.0), rope_freq_factors=rope_freq_factors,
+                 max_context=number(kv, "llama.context_length", src, default=4096),
+                 bos_id=number(kv, "tokenizer.ggml.bos_token_id", src, default=None, minimum=0),
+                 eos_ids=token_ids(kv.get("tokenizer.ggml.eos_token_id"), src, "tokenizer.ggml.eos_token_id"))
 
   @staticmethod
   def preset(name: str) -> LlamaConfig:
@@ -148,12 +165,50 @@ class LlamaConfig:
 
 HF_LLAMA_TYPES = {"llama", "mistral"}
 
-def _hf_rope_scaling(s: dict) -> Llama3RopeScaling | None:
+def _hf_rope_scaling(s: dict, src: str) -> Llama3RopeScaling | None:
   kind = s.get("rope_type", s.get("type", "default")) if s else "default"
   if kind == "default": return None
-  if kind != "llama3": raise UnsupportedModelError(f"rope scaling type {kind!r} is not supported (only Llama 3.1's 'llama3')")
-  return Llama3RopeScaling(factor=s["factor"], low_freq_factor=s["low_freq_factor"], high_freq_factor=s["high_freq_factor"],
-                           original_max_context=s["original_max_position_embeddings"])
+  if kind != "llama3": raise UnsupportedModelError(f"{src}: rope scaling type {_short(kind)} is not supported (only Llama 3.1's 'llama3')")
+  low, high = number(s, "low_freq_factor", src, float), number(s, "high_freq_factor", src, float)
+  if high <= low: raise CheckpointError(f"{src}: rope scaling high_freq_factor {high} must exceed low_freq_factor {low}")
+  return Llama3RopeScaling(factor=number(s, "factor", src, float), low_freq_factor=low, high_freq_factor=high,
+                           original_max_context=number(s, "original_max_position_embeddings", src))
+
+# ---- validating the config dicts of a file: every number a file gives is checked before it is used ----
+
+_REQUIRED = object()
+
+def number(d: dict, key: str, src: str, kind: type = int, default=_REQUIRED, minimum: float | None = None):
+  """d[key] as an int (or a finite float, for kind=float), positive (or >= minimum); `default` when the key is absent
+  or null. Anything else is a CheckpointError naming `src` and the key."""
+  if d.get(key) is None:
+    if default is _REQUIRED: raise CheckpointError(f"{src}: missing key {key!r}")
+    return default
+  v = d[key]
+  if isinstance(v, bool) or not isinstance(v, (int, float) if kind is float else int):
+    raise CheckpointError(f"{src}: {key} must be {'a number' if kind is float else 'an integer'}, got {_short(v)}")
+  if not math.isfinite(v): raise CheckpointError(f"{src}: {key} must be finite, got {v!r}")
+  if v <= 0 if minimum is None else v < minimum:
+    raise CheckpointError(f"{src}: {key} must be {'positive' if minimum is None else f'>= {minimum}'}, got {v!r}")
+  return float(v) if kind is float else v
+
+def token_ids(v, src: str, key: str) -> tuple[int, ...]:
+  """One token id or a list of them (as eos_token_id may be)."""
+  return tuple(number({key: x}, key, src, minimum=0) for x in (v if isinstance(v, list) else [] if v is None else [v]))
+
+def flag(d: dict, key: str, src: str) -> bool:
+  if not isinstance(v := d.get(key, False), bool) and v is not None: raise CheckpointError(f"{src}: {key} must be true or false, got {_short(v)}")
+  return bool(v)
+
+def _short(v) -> str: return r if len(r := repr(v)) <= 80 else r[:77] + "..."  # a hostile value can be megabytes
+
+def _check_dict(d, src: str, key: str | None = None) -> dict:
+  if not isinstance(d, dict): raise CheckpointError(f"{src}: {key or 'the file'} must be a JSON object, got {type(d).__name__}")
+  return d
+
+def _make(src: str, **fields) -> LlamaConfig:
+  try: return LlamaConfig(**fields)
+  except UnsupportedModelError as e: raise UnsupportedModelError(f"{src}: {e}") from None
 
 def _llama2(dim, n_layers, n_heads, hidden_dim, n_kv_heads=0):
   return LlamaConfig(dim=dim, n_layers=n_layers, n_heads=n_heads, n_kv_heads=n_kv_heads, hidden_dim=hidden_dim, vocab_size=32000,

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib, json, mmap, os, pathlib, re, shutil, struct, tempfile
 from dataclasses import dataclass, replace
 from typing import Callable
+import numpy as np
 from tinygrad import Device, Tensor, dtypes
 from tinygrad.dtype import DType
 from tg_llama.config import LlamaConfig
@@ -69,15 +70,29 @@ def detect_format(path: pathlib.Path) -> str:
   raise CheckpointError(f"{path}: neither an HF checkpoint (config.json) nor a Meta checkpoint (params.json)")
 
 def open_checkpoint(path: str | pathlib.Path) -> Checkpoint:
+  """The checkpoint's config and lazy tensors. Checked on opening: every count, size and offset of the file against its
+  length, the config's numbers (present, typed, positive, finite), the tensors' dtypes, and that the norm weights are
+  finite. Not checked: NaN or inf in the large weights (embeddings, linears), which would take a second pass over the
+  whole file; a NaN there shows up as NaN logits."""
   path = pathlib.Path(path)
-  return {"hf": _open_hf, "meta": _open_meta, "gguf": _open_gguf}[detect_format(path)](path)
+  ckpt = {"hf": _open_hf, "meta": _open_meta, "gguf": _open_gguf}[detect_format(path)](path)
+  _check_norms(ckpt)
+  return ckpt
+
+def _check_norms(ckpt: Checkpoint):
+  for name in sorted(n for n in ckpt.tensors if n.endswith("norm.weight")):  # small: (dim,) each
+    if len(ckpt.shapes[name]) != 1: raise CheckpointError(f"{ckpt.path}: tensor {name} has shape {ckpt.shapes[name]}, a norm weight is a vector")
+    if not np.isfinite(ckpt.tensors[name]("CPU").numpy()).all(): raise CheckpointError(f"{ckpt.path}: tensor {name} holds NaN or infinite values")
 
 def _open_hf(path: pathlib.Path) -> Checkpoint:
   cfg, raw = hf.read_hf(path)
-  config = LlamaConfig.from_hf(cfg)
+  config = LlamaConfig.from_hf(cfg, str(path / "config.json"))
   names = {n for n in raw if not IGNORED.match(n)}
+  _check_layer_count(path / "config.json", "num_hidden_layers", config, len(names))
+  _check_float(path, {n: raw[n].dtype for n in names})
   if "lm_head.weight" not in names and "model.embed_tokens.weight" in names:
-    config = _tied(config)
+    # transformers would make up a random output head here; a checkpoint that is tied says so
+    if not config.tie_embeddings: raise CheckpointError(f"{path}: missing tensor lm_head.weight, and config.json's tie_word_embeddings is not true")
   tensors = {n: (lambda dev, t=raw[n]: to_device(t, dev)) for n in names}
   shapes, raw_dtypes = {n: tuple(raw[n].shape) for n in names}, {n: raw[n].dtype.name for n in names}
   if config.tie_embeddings and "model.embed_tokens.weight" in raw: _tie(tensors, shapes, raw_dtypes)
@@ -85,12 +100,20 @@ def _open_hf(path: pathlib.Path) -> Checkpoint:
 
 def _open_meta(path: pathlib.Path) -> Checkpoint:
   params = hf.read_json(path / "params.json")
-  shards = [meta.torch_load_safe(f) for f in meta.shard_files(path)]
+  files = meta.shard_files(path)
+  shards = [meta.torch_load_safe(f) for f in files]
   names = [n for n in shards[0] if not IGNORED.match(n)]
-  for f, s in zip(meta.shard_files(path), shards):
+  for f, s in zip(files, shards):
     if (missing := set(names) - set(s)): raise CheckpointError(f"{f}: missing tensors {sorted(missing)[:3]} that the first shard has")
-  vocab = sum(s["output.weight"].shape[0] for s in shards) if "output.weight" in shards[0] else None
-  config = LlamaConfig.from_meta(params, vocab_size=vocab)
+    if (extra := {n for n in s if not IGNORED.match(n)} - set(names)):
+      raise CheckpointError(f"{f}: tensors {sorted(extra)[:3]} that the first shard lacks")
+  vocab = None
+  if "output.weight" in shards[0]:
+    if any(len(s["output.weight"].shape) != 2 for s in shards): raise CheckpointError(f"{path}: output.weight is not a matrix")
+    vocab = sum(s["output.weight"].shape[0] for s in shards)
+  config = LlamaConfig.from_meta(params, vocab_size=vocab, src=str(path / "params.json"))
+  _check_layer_count(path / "params.json", "n_layers", config, len(names))
+  _check_float(path, {n: shards[0][n].dtype for n in names})
   expected = canonical_shapes(config)
   to_canonical = _name_map(config.n_layers, index=1)
   tensors, shapes, raw_dtypes = {}, {}, {}
@@ -104,12 +127,16 @@ def _open_meta(path: pathlib.Path) -> Checkpoint:
     raw_dtypes[name] = parts[0].dtype.name
   return Checkpoint(path, "meta", config, tensors, shapes, params, raw_dtypes)
 
+MAX_ROPE_FACTORS = 4096  # one per pair of head dims
+
 def _open_gguf(path: pathlib.Path) -> Checkpoint:
   kv, infos, disk = gguf.read_gguf(path)
   factors = None
-  if "rope_freqs.weight" in infos:  # llama.cpp keeps Llama 3.1's RoPE scaling as per-frequency divisors
-    factors = tuple(float(x) for x in gguf.load_tensor(disk, infos["rope_freqs.weight"], "CPU").tolist())
-  config = LlamaConfig.from_gguf(kv, factors)
+  if (rope := infos.get("rope_freqs.weight")) is not None:  # llama.cpp keeps Llama 3.1's RoPE scaling as per-frequency divisors
+    if len(rope.shape) != 1 or rope.shape[0] > MAX_ROPE_FACTORS: raise CheckpointError(f"{path}: rope_freqs.weight has shape {rope.shape}")
+    factors = tuple(float(x) for x in gguf.load_tensor(disk, rope, "CPU").tolist())
+  config = LlamaConfig.from_gguf(kv, factors, src=str(path))
+  _check_layer_count(path, "llama.block_count", config, sum(not IGNORED.match(n) for n in infos))
   to_canonical = _name_map(config.n_layers, index=0)
   tensors, shapes, raw_dtypes = {}, {}, {}
   for src, info in infos.items():
@@ -119,10 +146,20 @@ def _open_gguf(path: pathlib.Path) -> Checkpoint:
     permute = config.n_heads if name.endswith("q_proj.weight") else config.n_kv_heads if name.endswith("k_proj.weight") else 0
     tensors[name] = lambda dev, info=info, permute=permute: _maybe_permute(gguf.load_tensor(disk, info, dev), permute)
     shapes[name], raw_dtypes[name] = info.shape, gguf.ggml_type_name(info.ggml_type)
-  if "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors:
+  if "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors:  # GGUF has no flag: llama.cpp ties a missing output
     config = _tied(config)
     _tie(tensors, shapes, raw_dtypes)
   return Checkpoint(path, "gguf", config, tensors, shapes, kv, raw_dtypes)
+
+def _check_layer_count(src: pathlib.Path, key: str, config: LlamaConfig, n_tensors: int):
+  """Before anything loops over the layers: a count the file's tensors cannot fill is refused (10**12 layers would hang)."""
+  if config.n_layers * len(LAYER_NAMES) > n_tensors:
+    raise CheckpointError(f"{src}: {key} is {config.n_layers}, but the checkpoint holds only {n_tensors} tensors "
+                          f"({len(LAYER_NAMES)} per layer): the config contradicts the weights")
+
+def _check_float(path: pathlib.Path, stored: dict[str, DType]):
+  for name, dtype in stored.items():
+    if not dtypes.is_float(dtype): raise CheckpointError(f"{path}: tensor {name} is stored as {dtype.name}; a weight must be a float type")
 
 def _tied(config: LlamaConfig) -> LlamaConfig: return replace(config, tie_embeddings=True)
 
@@ -140,6 +177,8 @@ def _name_map(n_layers: int, index: int) -> dict[str, str]:
 def _shard_axis(parts: list[Tensor], full: tuple[int, ...], where: str) -> int | None:
   """Meta splits each weight across model-parallel ranks on its own axis (and replicates the norms)."""
   shape = parts[0].shape
+  if any(p.shape != shape or p.dtype != parts[0].dtype for p in parts) or len(shape) != len(full):
+    raise CheckpointError(f"{where}: shards of shapes {sorted({tuple(p.shape) for p in parts})} and the config's shape {full} do not match")
   if len(parts) == 1 or tuple(shape) == tuple(full): return None
   for axis in range(len(full)):
     if shape[axis] * len(parts) == full[axis] and all(s == f for a, (s, f) in enumerate(zip(shape, full)) if a != axis): return axis
