@@ -148,3 +148,14 @@ def test_stop_token_ends_the_request(tiny, model):
   expect = reference_greedy(hf, PROMPT, 10)
   outs = list(model.engine.submit(Request(tuple(PROMPT), 10, stop_ids=frozenset({expect[3]}))))
   assert [o.token for o in outs] == expect[:expect.index(expect[3]) + 1] and outs[-1].finish_reason == "stop"
+
+def test_openai_penalties_match_a_numpy_reference(tiny, model):
+  hf, _ = tiny
+  ids, counts, expect = list(PROMPT), np.zeros(VOCAB), []
+  for _ in range(12):  # greedy on transformers' logits, penalized by OpenAI's formula
+    logits = reference_logits(hf, ids)[-1].astype(np.float64) - 1.5 * (counts > 0) - 0.7 * counts
+    expect.append(int(logits.argmax()))
+    counts[expect[-1]] += 1
+    ids.append(expect[-1])
+  assert expect != reference_greedy(hf, PROMPT, 12)  # the penalties change this answer
+  assert list(model.generate(PROMPT, 12, SamplingParams(presence_penalty=1.5, frequency_penalty=0.7))) == expect

@@ -9,7 +9,7 @@ a search over the 32 bits of the float32 values (`_order_key`, `_largest`), so t
 fixed shape. Every knob is a Tensor (`pack`), so one captured
 graph serves any settings and a batch may mix them; only the batch size and the vocabulary size are baked in.
 
-Non-goals: typical/epsilon/eta sampling, logit bias, frequency and presence penalties, and HF's `min_tokens_to_keep`
+Non-goals: typical/epsilon/eta sampling, logit bias, and HF's `min_tokens_to_keep`
 (always 1 here). Where several tokens tie at the top-p cut-off, we keep all of them, where HF keeps the ones that
 torch.sort happens to put last."""
 from __future__ import annotations
@@ -26,6 +26,8 @@ class SamplingParams:
   top_p: float = 1.0               # 1 means off
   min_p: float = 0.0               # 0 means off
   repetition_penalty: float = 1.0  # 1 means off
+  presence_penalty: float = 0.0    # OpenAI's: subtracted from the logit of every token generated so far; 0 means off
+  frequency_penalty: float = 0.0   # OpenAI's: subtracted once per time the token was generated so far; 0 means off
   seed: int|None = None            # None means a fresh random seed at each Sampler.reset
   def __post_init__(self):
     if not self.temperature >= 0: raise ValueError(f"temperature must be >= 0, but is {self.temperature}")
@@ -34,11 +36,18 @@ class SamplingParams:
     if not 0 < self.top_p <= 1: raise ValueError(f"top_p must be in (0, 1], but is {self.top_p}")
     if not 0 <= self.min_p < 1: raise ValueError(f"min_p must be in [0, 1), but is {self.min_p}")
     if not self.repetition_penalty > 0: raise ValueError(f"repetition_penalty must be > 0, but is {self.repetition_penalty}")
+    for name in ("presence_penalty", "frequency_penalty"):
+      if not -2 <= getattr(self, name) <= 2: raise ValueError(f"{name} must be in [-2, 2], but is {getattr(self, name)}")
     if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**64):
       raise ValueError(f"seed must be None or an int in [0, 2**64), but is {self.seed!r}")
 
+  @property
+  def is_greedy(self) -> bool:
+    """The argmax of the raw logits: no temperature and no penalty."""
+    return self.temperature == 0 and self.repetition_penalty == 1 and self.presence_penalty == 0 and self.frequency_penalty == 0
+
 # the columns of the knobs tensor, in order
-KNOBS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
+KNOBS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty")
 
 def pack(params: Sequence[SamplingParams], device: str|None = None) -> Tensor:
   """One row of knobs per sequence: (B, len(KNOBS)) float32. top_k stays exact as a float up to 2**24."""
@@ -71,11 +80,17 @@ def _largest(pred, rows: int, device, bits: int = 2) -> Tensor:
     t = t | (pred(t | (digits << shift)).cast(dtypes.uint32).sum(1, keepdim=True) << shift)
   return t
 
-def filter_logits(logits: Tensor, knobs: Tensor, seen: Tensor|None = None) -> Tensor:
+def apply_openai_penalties(logits: Tensor, counts: Tensor, presence: Tensor, frequency: Tensor) -> Tensor:
+  """OpenAI's presence and frequency penalties (as vLLM applies them, after the repetition penalty): counts (B, V) is how
+  often each token was generated so far; presence and frequency (B, 1)."""
+  return logits - (counts > 0).where(presence, 0.0) - counts.float() * frequency
+
+def filter_logits(logits: Tensor, knobs: Tensor, seen: Tensor|None = None, counts: Tensor|None = None) -> Tensor:
   """Penalized logits (B, V) divided by the temperature, with the tokens that top-k, top-p and min-p remove set to -inf.
   Rows with temperature 0 are divided by 1 instead (sample() takes the argmax for them). The largest logit always stays."""
   B, V = logits.shape
   x = logits.float() if seen is None else apply_penalty(logits.float(), seen, _knob(knobs, "repetition_penalty"))
+  if counts is not None: x = apply_openai_penalties(x, counts, _knob(knobs, "presence_penalty"), _knob(knobs, "frequency_penalty"))
   temp = _knob(knobs, "temperature")
   x = (x / temp.eq(0).where(1.0, temp)).contiguous()
   key = _order_key(x).contiguous().unsqueeze(2)  # (B, V, 1) against candidates (B, 1, C)
@@ -108,11 +123,11 @@ def uniform(key: Tensor, counter: Tensor, n: int) -> Tensor:
   # the top 23 bits, centred in their bucket: never 0 or 1, so -log(-log(u)) is always finite
   return ((bits >> 9).cast(dtypes.float32) + 0.5) * (2.0 ** -23)
 
-def sample(logits: Tensor, knobs: Tensor, key: Tensor, counter: Tensor, seen: Tensor|None = None) -> Tensor:
+def sample(logits: Tensor, knobs: Tensor, key: Tensor, counter: Tensor, seen: Tensor|None = None, counts: Tensor|None = None) -> Tensor:
   """Token ids (B, 1) int32 from logits (B, V), knobs (B, len(KNOBS)) from pack(), rng key (B, 1) uint64 and step
   counter (B, 1) uint32, and optionally the (B, V) bool mask of the tokens the repetition penalty applies to.
   Pure and lazy: the same key and counter give the same draw, so advance the counter between steps (Sampler does)."""
-  x = filter_logits(logits, knobs, seen)
+  x = filter_logits(logits, knobs, seen, counts)
   # the largest logit survives every filter, so without the noise this is the greedy argmax (first index of ties)
   gumbel = -(-uniform(key, counter, x.shape[1]).log()).log()
   return (x + _knob(knobs, "temperature").eq(0).where(0.0, gumbel)).argmax(1, keepdim=True).cast(dtypes.int32)
@@ -127,6 +142,7 @@ class Sampler:
     self.slots, self.vocab = slots, vocab
     self.knobs = pack([SamplingParams()] * slots, device).contiguous().realize()
     self.seen = Tensor.zeros(slots, vocab, dtype=dtypes.bool, device=device).contiguous().realize()
+    self.counts = Tensor.zeros(slots, vocab, dtype=dtypes.int32, device=device).contiguous().realize()  # generated tokens
     self.key = Tensor.zeros(slots, 1, dtype=dtypes.uint64, device=device).contiguous().realize()
     self.counter = Tensor.zeros(slots, 1, dtype=dtypes.uint32, device=device).contiguous().realize()
 
@@ -146,7 +162,10 @@ class Sampler:
       knobs[slot] = pack([p]).numpy()[0]
       keys[slot], counter[slot] = secrets.randbits(64) if p.seed is None else p.seed, 0
     dev = self.knobs.device
+    counts = self.counts.numpy()
+    counts[slots] = 0
     Tensor.realize(self.knobs.assign(Tensor(knobs, device=dev)), self.seen.assign(Tensor(seen, device=dev)),
+                   self.counts.assign(Tensor(counts, device=dev)),
                    self.key.assign(Tensor(keys, device=dev)), self.counter.assign(Tensor(counter, device=dev)))
 
   def __call__(self, logits: Tensor, slots: Sequence|None = None) -> Tensor:
@@ -158,9 +177,10 @@ class Sampler:
     if logits.shape != (len(slots), self.vocab) or len(slots) > self.slots:
       raise ValueError(f"logits must be {(len(slots), self.vocab)} for at most {self.slots} slots, but are {logits.shape}")
     rows = lambda t: t[slots[0]:slots[0]+1] if len(slots) == 1 else Tensor.cat(*[t[s:s+1] for s in slots])
-    seen, counter = rows(self.seen), rows(self.counter)
-    tok = sample(logits, rows(self.knobs), rows(self.key), counter, seen)
-    seen, counter = mark_seen(seen, tok), counter + 1
+    seen, counts, counter = rows(self.seen), rows(self.counts), rows(self.counter)
+    tok = sample(logits, rows(self.knobs), rows(self.key), counter, seen, counts)
+    seen, counts, counter = mark_seen(seen, tok), counts + Tensor.arange(self.vocab).reshape(1, -1).eq(tok), counter + 1
     Tensor.realize(tok, *[self.seen[s:s+1].assign(seen[b:b+1]) for b, s in enumerate(slots)],
+                   *[self.counts[s:s+1].assign(counts[b:b+1]) for b, s in enumerate(slots)],
                    *[self.counter[s:s+1].assign(counter[b:b+1]) for b, s in enumerate(slots)])
     return tok

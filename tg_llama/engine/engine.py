@@ -163,7 +163,7 @@ class Engine:
     self._emit(seqs, logits)
 
   def _emit(self, seqs: list[Sequence], logits):
-    greedy = all(s.request.sampling.temperature == 0 and s.request.sampling.repetition_penalty == 1 for s in seqs)
+    greedy = all(s.request.sampling.is_greedy for s in seqs)
     tokens = self.runner.sample(logits, [s.slot.index for s in seqs], greedy)
     wants = [s.request.logprobs is not None for s in seqs]
     logp = _log_softmax(logits.numpy()[:len(seqs)]) if any(wants) else None
