@@ -11,3 +11,7 @@ class UnsupportedModelError(TgLlamaError, ValueError):
 
 class ContextLengthError(TgLlamaError, ValueError):
   """A prompt (plus what is asked to be generated) that does not fit in the model's context."""
+
+class InvalidArgumentError(TgLlamaError, ValueError):
+  """An argument out of its range (a sampling knob, a token id, a context size the machine cannot hold), refused
+  before any work is done."""

@@ -13,11 +13,12 @@ Non-goals: typical/epsilon/eta sampling, logit bias, frequency and presence pena
 (always 1 here). Where several tokens tie at the top-p cut-off, we keep all of them, where HF keeps the ones that
 torch.sort happens to put last."""
 from __future__ import annotations
-import secrets
+import math, numbers, secrets
 from dataclasses import dataclass
 from typing import Sequence
 import numpy as np
 from tinygrad import Tensor, dtypes
+from tg_llama.errors import InvalidArgumentError
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -28,14 +29,17 @@ class SamplingParams:
   repetition_penalty: float = 1.0  # 1 means off
   seed: int|None = None            # None means a fresh random seed at each Sampler.reset
   def __post_init__(self):
-    if not self.temperature >= 0: raise ValueError(f"temperature must be >= 0, but is {self.temperature}")
+    for name in ("temperature", "top_p", "min_p", "repetition_penalty"):
+      if isinstance(v := getattr(self, name), bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+        raise InvalidArgumentError(f"{name} must be a finite number, but is {v!r}")
+    if not self.temperature >= 0: raise InvalidArgumentError(f"temperature must be >= 0, but is {self.temperature}")
     if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-      raise ValueError(f"top_k must be an int >= 0, but is {self.top_k!r}")
-    if not 0 < self.top_p <= 1: raise ValueError(f"top_p must be in (0, 1], but is {self.top_p}")
-    if not 0 <= self.min_p < 1: raise ValueError(f"min_p must be in [0, 1), but is {self.min_p}")
-    if not self.repetition_penalty > 0: raise ValueError(f"repetition_penalty must be > 0, but is {self.repetition_penalty}")
-    if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**64):
-      raise ValueError(f"seed must be None or an int in [0, 2**64), but is {self.seed!r}")
+      raise InvalidArgumentError(f"top_k must be an int >= 0, but is {self.top_k!r}")
+    if not 0 < self.top_p <= 1: raise InvalidArgumentError(f"top_p must be in (0, 1], but is {self.top_p}")
+    if not 0 <= self.min_p < 1: raise InvalidArgumentError(f"min_p must be in [0, 1), but is {self.min_p}")
+    if not self.repetition_penalty > 0: raise InvalidArgumentError(f"repetition_penalty must be > 0, but is {self.repetition_penalty}")
+    if self.seed is not None and not (isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 2**64):
+      raise InvalidArgumentError(f"seed must be None or an int in [0, 2**64), but is {self.seed!r}")
 
 # the columns of the knobs tensor, in order
 KNOBS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty")
@@ -121,7 +125,7 @@ class Sampler:
   """The device state for sampling B sequences over a vocabulary of V: knobs, the seen mask, the rng key and counter.
   Calling it inside a TinyJit is fine: the state lives in fixed buffers that reset() overwrites in place."""
   def __init__(self, batch: int, vocab: int, device: str|None = None):
-    if batch < 1 or vocab < 1: raise ValueError(f"batch and vocab must be >= 1, but are {batch} and {vocab}")
+    if batch < 1 or vocab < 1: raise InvalidArgumentError(f"batch and vocab must be >= 1, but are {batch} and {vocab}")
     self.batch, self.vocab = batch, vocab
     self.knobs = pack([SamplingParams()] * batch, device).contiguous().realize()
     self.seen = Tensor.zeros(batch, vocab, dtype=dtypes.bool, device=device).contiguous().realize()
@@ -131,11 +135,11 @@ class Sampler:
   def reset(self, params: Sequence[SamplingParams], prompts: Sequence[Sequence[int]]|None = None) -> None:
     """Start B new sequences: one SamplingParams per row (rows with the same seed draw the same numbers), and the
     prompt's token ids per row, which the repetition penalty counts as seen."""
-    if len(params) != self.batch: raise ValueError(f"need {self.batch} SamplingParams, one per row, but got {len(params)}")
-    if prompts is not None and len(prompts) != self.batch: raise ValueError(f"need {self.batch} prompts, but got {len(prompts)}")
+    if len(params) != self.batch: raise InvalidArgumentError(f"need {self.batch} SamplingParams, one per row, but got {len(params)}")
+    if prompts is not None and len(prompts) != self.batch: raise InvalidArgumentError(f"need {self.batch} prompts, but got {len(prompts)}")
     seen = np.zeros((self.batch, self.vocab), dtype=np.bool_)
     for row, ids in enumerate(prompts or []):
-      if len(bad := [i for i in ids if not 0 <= i < self.vocab]): raise ValueError(f"prompt {row} has token ids {bad[:5]} outside [0, {self.vocab})")
+      if len(bad := [i for i in ids if not 0 <= i < self.vocab]): raise InvalidArgumentError(f"prompt {row} has token ids {bad[:5]} outside [0, {self.vocab})")
       seen[row, list(ids)] = True
     keys = np.array([[secrets.randbits(64) if p.seed is None else p.seed] for p in params], dtype=np.uint64)
     dev = self.knobs.device
@@ -145,7 +149,7 @@ class Sampler:
   def __call__(self, logits: Tensor) -> Tensor:
     """Draws the next tokens (B, 1) int32 from logits (B, V), marks them seen and advances the rng. Realizes, so call it
     last in the step: under a TinyJit, the state updates must run inside the captured graph, not after it."""
-    if logits.shape != (self.batch, self.vocab): raise ValueError(f"logits must be {(self.batch, self.vocab)}, but are {logits.shape}")
+    if logits.shape != (self.batch, self.vocab): raise InvalidArgumentError(f"logits must be {(self.batch, self.vocab)}, but are {logits.shape}")
     tok = sample(logits, self.knobs, self.key, self.counter, self.seen)
     Tensor.realize(tok, self.seen.assign(mark_seen(self.seen, tok)), self.counter.assign(self.counter + 1))
     return tok
