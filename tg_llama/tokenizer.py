@@ -10,7 +10,7 @@ the entries the file lists (so no list is sized by a claimed number) is a Checkp
 Not defended against: a tokenizer.json split regex that is slow on some text (tiktoken's regex engine bounds its
 backtracking, and a pattern it cannot compile is refused)."""
 from __future__ import annotations
-import base64, codecs, contextlib, functools, inspect, json, pathlib, re
+import base64, codecs, contextlib, functools, inspect, json, pathlib, re, reprlib
 from typing import Callable, Iterable
 import tiktoken
 from tg_llama.errors import CheckpointError, TgLlamaError, UnsupportedModelError
@@ -163,7 +163,7 @@ class Tokenizer:
     specials = {}
     for k, v in decoder.items():
       if not (isinstance(v, dict) and isinstance(v.get("content"), str) and str(k).isdigit()):
-        raise CheckpointError(f"tokenizer_config.json: added_tokens_decoder[{k!r}] is not an id with a {{'content': ...}} object")
+        raise CheckpointError(f"tokenizer_config.json: added_tokens_decoder[{_short(k)}] is not an id with a {{'content': ...}} object")
       if v.get("special", True) and v["content"]: specials[v["content"]] = int(k)
     specials = specials or {t: len(ranks) + i for i, t in enumerate(LLAMA3_SPECIALS)}
     _check_ids(specials.values(), len(ranks) + max(len(decoder), len(LLAMA3_SPECIALS)), "tokenizer_config.json", "added_tokens_decoder")
@@ -188,7 +188,7 @@ class Tokenizer:
     added = _get(tok, "added_tokens", list, src, [])
     for n, a in enumerate(added):
       if not (isinstance(a, dict) and isinstance(a.get("content"), str) and _is_id(a.get("id"))):
-        raise CheckpointError(f"{src}: added_tokens[{n}] is not a {{'content': str, 'id': int}} object: {str(a)[:60]}")
+        raise CheckpointError(f"{src}: added_tokens[{n}] is not a {{'content': str, 'id': int}} object: {_short(a)}")
     if not vocab and not added: raise CheckpointError(f"{src}: model.vocab is empty")
     _check_ids(vocab.values(), len(vocab) + len(added), src, "model.vocab")
     _check_ids([a["id"] for a in added], len(vocab) + len(added), src, "added_tokens")
@@ -212,7 +212,7 @@ class Tokenizer:
     """The vocab a GGUF file carries (`kv` from tg_llama.formats.gguf.read_metadata)."""
     if not isinstance(kv, dict): raise CheckpointError(f"{src}: metadata is a {type(kv).__name__}, not a dict")
     if (kind := kv.get("tokenizer.ggml.model")) != "gpt2":
-      raise UnsupportedModelError(f"{src}: GGUF tokenizer model {kind!r} is not supported (only 'gpt2', byte-level BPE); "
+      raise UnsupportedModelError(f"{src}: GGUF tokenizer model {_short(kind)} is not supported (only 'gpt2', byte-level BPE); "
                                   f"load the model's tokenizer.model or tokenizer.json instead")
     pre = _get(kv, "tokenizer.ggml.pre", str, src, "default")  # llama.cpp's choice when the key is missing
     if pre not in GGUF_PRE: raise UnsupportedModelError(f"{src}: unknown pre-tokenizer {pre!r} (tokenizer.ggml.pre); supported: {sorted(GGUF_PRE)}")
@@ -232,7 +232,7 @@ class Tokenizer:
     extra = [kv[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in kv]
     for key, i in (("bos_token_id", bos), ("eos_token_id", eos), *(("eot/eom_token_id", i) for i in extra)):
       if i is not None and not (_is_id(i) and i < len(pieces)):
-        raise CheckpointError(f"{src}: tokenizer.ggml.{key} {i!r} is not a token id (the vocabulary has {len(pieces)})")
+        raise CheckpointError(f"{src}: tokenizer.ggml.{key} {_short(i)} is not a token id (the vocabulary has {len(pieces)})")
     # bytes missing from the vocab are dropped, as llama.cpp does
     return cls(pieces, _tiktoken_bpe(src, pat, ranks, specials, len(pieces), None), specials, user, bos_id=bos, eos_id=eos,
                add_bos=bool(kv.get("tokenizer.ggml.add_bos_token", ignore_merges)),
@@ -275,10 +275,14 @@ def _is_id(i) -> bool: return isinstance(i, int) and not isinstance(i, bool) and
 def _check_ids(ids: Iterable, n_entries: int, src, key: str):
   # ids size lists: bound them by what the file lists, not by what it claims
   for i in ids:
-    if not _is_id(i): raise CheckpointError(f"{src}: {key} has a token id {i!r} that is not an integer >= 0")
+    if not _is_id(i): raise CheckpointError(f"{src}: {key} has a token id {_short(i)} that is not an integer >= 0")
     if i >= n_entries: raise CheckpointError(f"{src}: {key} has token id {i}, past the {n_entries} tokens the file lists")
 
-def _type_of(x) -> str: return repr(x.get("type")) if isinstance(x, dict) else type(x).__name__
+def _type_of(x) -> str: return _short(x.get("type")) if isinstance(x, dict) else type(x).__name__
+
+_REPR = reprlib.Repr()
+_REPR.maxlevel, _REPR.maxstring, _REPR.maxother = 2, 40, 40
+def _short(x) -> str: return _REPR.repr(x)  # a value from the file, in a message: bounded however big or shared it is
 
 def _pieces(ranks: dict[bytes, int], specials: dict[str, int]) -> list[bytes]:
   pieces = [b""] * (max([*ranks.values(), *specials.values()]) + 1)
@@ -295,10 +299,10 @@ def _byte_level(names: list[str], merges: list, special_ids: set[int], ignore_me
   results = []
   for n, m in enumerate(merges):
     if not (isinstance(m, str) and " " in m or isinstance(m, (list, tuple)) and len(m) == 2 and all(isinstance(x, str) for x in m)):
-      raise CheckpointError(f"{src}: merges[{n}] is not 'a b' or [a, b]: {str(m)[:60]}")
+      raise CheckpointError(f"{src}: merges[{n}] is not 'a b' or [a, b]: {_short(m)}")
     a, b = m.split(" ", 1) if isinstance(m, str) else m
-    if (i := ids.get(a + b)) is None: raise CheckpointError(f"{src}: merge {a!r} {b!r} makes {a + b!r}, which is not in the vocabulary")
-    if i < last: raise UnsupportedModelError(f"{src}: merges are not in token-id order (merge {a!r} {b!r} makes id {i} after id {last})")
+    if (i := ids.get(a + b)) is None: raise CheckpointError(f"{src}: merge {_short(a)} {_short(b)} makes {_short(a + b)}, which is not in the vocabulary")
+    if i < last: raise UnsupportedModelError(f"{src}: merges are not in token-id order (merge {_short(a)} {_short(b)} makes id {i} after id {last})")
     last = i
     results.append(i)
   # without ignore_merges only merge results (and single bytes) may be formed; with it, every token is looked up whole
@@ -326,7 +330,7 @@ def _hf_pattern(pre: dict | None, src: str) -> str:
   """The split regex of a tokenizer.json pre_tokenizer: Split + ByteLevel, ByteLevel, or Digits + ByteLevel."""
   steps = (pre.get("pretokenizers") if isinstance(pre, dict) and pre.get("type") == "Sequence" else [pre] if pre else [])
   if not isinstance(steps, list) or not all(isinstance(s, dict) for s in steps):
-    raise CheckpointError(f"{src}: pre_tokenizer is not an object, or a Sequence of them: {str(pre)[:60]}")
+    raise CheckpointError(f"{src}: pre_tokenizer is not an object, or a Sequence of them: {_short(pre)}")
   kinds = [s.get("type") for s in steps]
   if kinds == ["Split", "ByteLevel"] and isinstance(steps[0].get("pattern"), dict) and isinstance(steps[0]["pattern"].get("Regex"), str) \
      and steps[0].get("behavior") == "Isolated" \
@@ -336,11 +340,11 @@ def _hf_pattern(pre: dict | None, src: str) -> str:
   if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True) \
      and not steps[1].get("add_prefix_space"):
     return DIGITS_PAT
-  raise UnsupportedModelError(f"{src}: pre_tokenizer {kinds or None} is not supported (expected Split+ByteLevel, ByteLevel, or Digits+ByteLevel)")
+  raise UnsupportedModelError(f"{src}: pre_tokenizer {_short(kinds or None)} is not supported (expected Split+ByteLevel, ByteLevel, or Digits+ByteLevel)")
 
 def _describe(model: dict) -> str:
   flags = [k for k in ("byte_fallback", "continuing_subword_prefix", "end_of_word_suffix") if model.get(k)]
-  return f"{model.get('type')}" + (f" with {', '.join(flags)}" if flags else "")
+  return _short(model.get("type")) + (f" with {', '.join(flags)}" if flags else "")
 
 def _template_bos(post: dict | None) -> str | None:
   """The special token a TemplateProcessing post_processor puts first, i.e. the BOS that HF prepends."""
@@ -367,7 +371,7 @@ def _config_kwargs(config: dict, named: dict[str, int], bos: str | None, eos: st
   if add_bos is None: add_bos = bos in BOS_TOKENS
   stops = config.get("_stop_ids", ())
   if not all(_is_id(i) and i < n_vocab for i in stops):
-    raise CheckpointError(f"generation_config.json: eos_token_id {stops} holds an id that is not a token (the vocabulary has {n_vocab})")
+    raise CheckpointError(f"generation_config.json: eos_token_id {_short(stops)} holds an id that is not a token (the vocabulary has {n_vocab})")
   return {"bos_id": named.get(bos), "eos_id": named.get(eos), "add_bos": bool(config.get("add_bos_token", add_bos)),
           "chat_template": template, "extra_stop_ids": stops}
 
@@ -389,7 +393,7 @@ def _dir_config(folder: pathlib.Path) -> dict:
   if (folder / "generation_config.json").is_file():
     eos = _read_json_object(folder / "generation_config.json").get("eos_token_id")
     config["_stop_ids"] = eos if isinstance(eos, list) else [] if eos is None else [eos]
-    if not all(_is_id(i) for i in config["_stop_ids"]): raise CheckpointError(f"{folder / 'generation_config.json'}: eos_token_id {eos!r} is not token ids")
+    if not all(_is_id(i) for i in config["_stop_ids"]): raise CheckpointError(f"{folder / 'generation_config.json'}: eos_token_id {_short(eos)} is not token ids")
   return config
 
 _TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+=* \d+\r?\n")
