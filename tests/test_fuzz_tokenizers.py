@@ -28,7 +28,8 @@ def deep(depth: int, leaf):
 
 scalars = st.none() | st.booleans() | st.integers(-2**70, 2**70) | st.sampled_from([0, 1, -1, 255, 256, 10**12, 2**31, 2**64]) | \
           st.floats(allow_nan=True) | st.text(max_size=6) | st.sampled_from(["", " ", "a b", "Ġ t", "h e", "<|im_end|>", "BPE", "ByteLevel"])
-values = st.recursive(scalars, lambda c: st.lists(c, max_size=5) | st.dictionaries(st.text(max_size=5) | st.sampled_from(["type", "id", "content"]), c, max_size=4),
+keys = st.text(max_size=5) | st.sampled_from(["type", "id", "content"])
+values = st.recursive(scalars, lambda c: st.lists(c, max_size=5) | st.dictionaries(keys, c, max_size=4),
                       max_leaves=12) | st.integers(100, 3000).map(lambda d: deep(d, "x"))
 
 def mutate(doc, draw, paths):

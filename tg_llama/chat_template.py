@@ -123,7 +123,8 @@ def _sized(x) -> bool: return isinstance(x, (str, list, tuple))
 def _check_binop(op: str, a, b):
   budget = _budget()
   if op == "*":
-    if _is_int(a) and _is_int(b) and a.bit_length() + b.bit_length() > MAX_INT_BITS: raise TgLlamaError(f"chat template: an integer over {MAX_INT_BITS} bits")
+    if _is_int(a) and _is_int(b) and a.bit_length() + b.bit_length() > MAX_INT_BITS:
+      raise TgLlamaError(f"chat template: an integer over {MAX_INT_BITS} bits")
     for seq, n in ((a, b), (b, a)):
       if _sized(seq) and isinstance(n, int): budget.size(len(seq) * n, f"{type(seq).__name__} * {n}")
   elif op == "**" and _is_int(a) and _is_int(b) and b > 0 and abs(a) > 1 and (b > MAX_INT_BITS or b * a.bit_length() > MAX_INT_BITS):
@@ -196,7 +197,8 @@ def _check_filter(name: str, f, args: tuple, kwargs: dict) -> tuple[tuple, dict]
       # sequences: each + copies all that came before
       total = sum(len(x) for x in [*items, a["start"]] if hasattr(x, "__len__"))
       budget.size(total, "the result of sum")
-      if total * len(items) > MAX_TOTAL: raise TgLlamaError(f"chat template: sum of {len(items)} sequences, {total} items, over the limit of {MAX_TOTAL} copies")
+      if total * len(items) > MAX_TOTAL:
+        raise TgLlamaError(f"chat template: sum of {len(items)} sequences, {total} items, over the limit of {MAX_TOTAL} copies")
     return (*args[:_skipped(f)], *a.values()), {}
   return args, kwargs
 

@@ -139,7 +139,8 @@ class Sampler:
     if prompts is not None and len(prompts) != self.batch: raise InvalidArgumentError(f"need {self.batch} prompts, but got {len(prompts)}")
     seen = np.zeros((self.batch, self.vocab), dtype=np.bool_)
     for row, ids in enumerate(prompts or []):
-      if len(bad := [i for i in ids if not 0 <= i < self.vocab]): raise InvalidArgumentError(f"prompt {row} has token ids {bad[:5]} outside [0, {self.vocab})")
+      if len(bad := [i for i in ids if not 0 <= i < self.vocab]):
+        raise InvalidArgumentError(f"prompt {row} has token ids {bad[:5]} outside [0, {self.vocab})")
       seen[row, list(ids)] = True
     keys = np.array([[secrets.randbits(64) if p.seed is None else p.seed] for p in params], dtype=np.uint64)
     dev = self.knobs.device

@@ -393,7 +393,8 @@ def _dir_config(folder: pathlib.Path) -> dict:
   if (folder / "generation_config.json").is_file():
     eos = _read_json_object(folder / "generation_config.json").get("eos_token_id")
     config["_stop_ids"] = eos if isinstance(eos, list) else [] if eos is None else [eos]
-    if not all(_is_id(i) for i in config["_stop_ids"]): raise CheckpointError(f"{folder / 'generation_config.json'}: eos_token_id {_short(eos)} is not token ids")
+    if not all(_is_id(i) for i in config["_stop_ids"]):
+      raise CheckpointError(f"{folder / 'generation_config.json'}: eos_token_id {_short(eos)} is not token ids")
   return config
 
 _TIKTOKEN_LINE = re.compile(rb"[A-Za-z0-9+/]+=* \d+\r?\n")
