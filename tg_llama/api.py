@@ -1,7 +1,7 @@
 """The public Python API: `tg_llama.load(source)` gives a model with `.logits()`, `.generate()` (token ids)
 and `.stream()` (text chunks, through the checkpoint's own tokenizer)."""
 from __future__ import annotations
-import pathlib, sys
+import contextlib, os, pathlib, sys
 from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable, Iterator
@@ -15,7 +15,7 @@ from tg_llama.engine.engine import Engine, Request
 from tg_llama.engine.kv_cache import KVCache
 from tg_llama.engine.runner import ModelRunner
 from tg_llama.jit_cache import GraphCache, graphs_enabled
-from tg_llama.errors import UnsupportedModelError
+from tg_llama.errors import InvalidArgumentError, UnsupportedModelError
 from tg_llama.model import Llama
 from tg_llama.quantize import GGUF_BLOCKS, quantize_model, quantized_names
 from tg_llama.parallel import check_divisible, devices_for, split_axis
@@ -77,28 +77,48 @@ class Model:
 
   def logits(self, token_ids: list[int]) -> np.ndarray:
     """The next-token logits after `token_ids` (float32, shape (vocab,))."""
-    return next(out.logits for out in self.engine.submit(Request(tuple(token_ids), 0, logits=True)) if out.logits is not None)
+    return next(out.logits for out in self.engine.submit(Request(_checked_ids(token_ids, self.config.vocab_size), 0, logits=True))
+                if out.logits is not None)
 
   def generate(self, token_ids: list[int], max_new_tokens: int = 32, sampling: SamplingParams | None = None,
                stop_ids: frozenset[int] = frozenset()) -> Iterator[int]:
     """Yield up to max_new_tokens new token ids (greedy unless `sampling` says otherwise), using the KV cache;
     a token in stop_ids is yielded and ends the generation."""
-    request = Request(tuple(token_ids), max_new_tokens, sampling or SamplingParams(), frozenset(stop_ids))
-    for out in self.engine.submit(request):
+    token_ids, sampling = _checked_ids(token_ids, self.config.vocab_size), sampling or SamplingParams()
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
+      raise InvalidArgumentError(f"max_new_tokens must be an int >= 0, but is {max_new_tokens!r}")
+    if not isinstance(sampling, SamplingParams): raise InvalidArgumentError(f"sampling must be a SamplingParams, not {type(sampling).__name__}")
+    return self._tokens(self.engine.submit(Request(token_ids, max_new_tokens, sampling, frozenset(stop_ids))))
+
+  @staticmethod
+  def _tokens(handle) -> Iterator[int]:
+    for out in handle:
       if out.token is not None: yield out.token
 
   def stream(self, token_ids: list[int], max_new_tokens: int = 256, sampling: SamplingParams | None = None,
              stop_ids: frozenset[int] | None = None) -> Iterator[Chunk]:
     """Yield text chunks as they are generated, never half a UTF-8 character; stops on the tokenizer's stop tokens."""
+    token_ids = _checked_ids(token_ids, self.config.vocab_size)
     stops = self.tokenizer.stop_ids if stop_ids is None else stop_ids
+    return self._chunks(self.generate(token_ids, max_new_tokens, sampling, stops), max_new_tokens, stops)  # checked now, not at next()
+
+  def _chunks(self, tokens: Iterator[int], max_new_tokens: int, stops: frozenset[int]) -> Iterator[Chunk]:
     decoder, n = self.tokenizer.stream(), 0
-    for token in self.generate(token_ids, max_new_tokens, sampling, stops):
+    for token in tokens:
       n += 1
       if token in stops:
         yield Chunk(decoder.flush(), token, "stop")
         return
       last = n == max_new_tokens
       yield Chunk(decoder.add(token) + (decoder.flush() if last else ""), token, "length" if last else None)
+
+def _checked_ids(token_ids, vocab_size: int) -> list[int]:
+  ids = list(token_ids)
+  if not ids: raise InvalidArgumentError("an empty prompt: give at least one token id")
+  for n, i in enumerate(ids):
+    if isinstance(i, bool) or not isinstance(i, (int, np.integer)) or not 0 <= i < vocab_size:
+      raise InvalidArgumentError(f"token id {i!r} at position {n} is not in the vocabulary [0, {vocab_size})")
+  return [int(i) for i in ids]
 
 @dataclass(frozen=True)
 class Chunk:
@@ -126,13 +146,56 @@ class Shard:
   def __call__(self, x: Tensor, start_pos: int, last_only: bool = True) -> Tensor:
     return self.llama(x, self.cache, [(0, start_pos)], last_only=last_only)
 
-def _prepare(source, backend, dtype, max_context) -> tuple[Backend, DType, Checkpoint, int]:
+def _prepare(source, backend, dtype, max_context, slots: int = 1) -> tuple[Backend, DType, Checkpoint, int]:
+  """The backend, compute dtype, checkpoint (its config only: no tensor data is read) and context, each checked."""
+  if dtype is not None and dtype not in DTYPES: raise InvalidArgumentError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+  if max_context is not None and (isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 1):
+    raise InvalidArgumentError(f"max_context must be an int >= 1, but is {max_context!r}")
   be = resolve_backend(backend)
-  if dtype is not None and dtype not in DTYPES: raise ValueError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+  compute = DTYPES[dtype] if dtype else be.dtype
+  if compute != be.dtype: _check_dtype(be, compute)
   ckpt = open_checkpoint(source)
-  context = max_context or min(ckpt.config.max_context, 4096)
-  if context < 1: raise ValueError(f"max_context must be positive, got {context}")
-  return be, DTYPES[dtype] if dtype else be.dtype, ckpt, context
+  context = min(ckpt.config.max_context, 4096) if max_context is None else max_context
+  _check_memory(ckpt.config, be, compute, context, slots)
+  return be, compute, ckpt, context
+
+def _check_dtype(be: Backend, dtype: DType):
+  # renderers claim dtypes their compiler lacks (tinygrad 0.14's CPU renderer lists bfloat16; clang < 17 has no __bf16
+  # for its target): compile one kernel in it now, before any weights are read, with the compiler's complaints hushed
+  try:
+    with _quiet_stderr(): (Tensor([1.5, 2.0], dtype=dtype, device=be.device) * 3).float().realize()
+  except Exception as e:
+    name = lambda d: next(k for k, v in DTYPES.items() if v == d)
+    raise UnsupportedModelError(f"dtype {name(dtype)} does not compile on the {be.name} backend here ({type(e).__name__}); "
+                                f"use --dtype {name(be.dtype)} (its default)") from None
+
+@contextlib.contextmanager
+def _quiet_stderr():
+  sys.stderr.flush()
+  saved, null = os.dup(2), os.open(os.devnull, os.O_WRONLY)
+  os.dup2(null, 2)
+  try: yield
+  finally:
+    os.dup2(saved, 2)
+    os.close(saved), os.close(null)
+
+def _check_memory(c: LlamaConfig, be: Backend, dtype: DType, context: int, slots: int):
+  """Refuse a context whose KV cache (plus the weights, roughly) the machine cannot hold. Only on the CPU, whose memory
+  /proc/meminfo reports; a GPU's is not checked here (its allocation fails when the cache is made)."""
+  if be.device.split(":")[0] != "CPU" or (available := _mem_available()) is None: return
+  kv = 2 * slots * c.n_layers * c.n_kv_heads * c.head_dim * (context + 64) * dtype.itemsize  # +64: the prefill chunk's slack
+  per_layer = c.dim * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.n_heads * c.head_dim * c.dim + 3 * c.dim * c.hidden_dim
+  weights = (c.n_layers * per_layer + c.vocab_size * c.dim * (1 if c.tie_embeddings else 2)) * dtype.itemsize
+  if kv + weights > available:
+    raise InvalidArgumentError(f"max_context={context} ({slots} slots) needs a {_gb(kv)} KV cache and about {_gb(weights)} of weights, more than the "
+                               f"{_gb(available)} of memory available on this machine; lower max_context (--max-context)")
+
+def _mem_available() -> int | None:
+  try:
+    with open("/proc/meminfo") as f: return next(int(l.split()[1]) * 1024 for l in f if l.startswith("MemAvailable:"))
+  except (OSError, StopIteration, ValueError): return None
+
+def _gb(n: int) -> str: return f"{n / 1e9:.3g} GB"
 
 def load(source: str | pathlib.Path, backend: str | None = None, dtype: str | None = None, max_context: int | None = None,
          progress: bool = False, devices: int = 1, graph_cache: bool = True, quantize: str | None = None, slots: int = 1) -> Model:
@@ -148,7 +211,7 @@ def load(source: str | pathlib.Path, backend: str | None = None, dtype: str | No
   stored, decoded inside the matmul: the same logits, half the bytes per token). Default: "gguf" for such a file
   on one device, else "none".
   slots: how many sequences the engine runs at once (a KV cache slot each; a server wants several)."""
-  be, compute, ckpt, context = _prepare(source, backend, dtype, max_context)
+  be, compute, ckpt, context = _prepare(source, backend, dtype, max_context, slots)
   devs = devices_for(be.device, devices) if devices > 1 else ()
   if devs: check_divisible(ckpt.config, devices)  # before reading any weights
   llama = Llama(ckpt.config)

@@ -1,7 +1,7 @@
 """The `tg-llama` command: chat, generate, convert, bench, cache. Errors print one line, never a traceback."""
 from __future__ import annotations
 import argparse, sys, time
-from tg_llama.errors import TgLlamaError
+from tg_llama.errors import InvalidArgumentError, TgLlamaError
 
 def add_model_args(p: argparse.ArgumentParser):
   p.add_argument("--model", help="a GGUF file, an HF or Meta checkpoint directory, a converted directory, or an HF repo id "
@@ -26,8 +26,18 @@ def add_sampling_args(p: argparse.ArgumentParser, temperature: float):
 
 def sampling_from(args):
   from tg_llama.sampling import SamplingParams
-  return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
-                        repetition_penalty=args.repetition_penalty, seed=args.seed)
+  try: return SamplingParams(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, min_p=args.min_p,
+                             repetition_penalty=args.repetition_penalty, seed=args.seed)
+  except InvalidArgumentError as e:  # "top_p must be ..." -> "--top-p must be ..."
+    name, _, rest = str(e).partition(" ")
+    raise InvalidArgumentError(f"--{name.replace('_', '-')} {rest}") from None
+
+def check_args(args):
+  """Refuse options out of range before anything is read or loaded (api.load checks the dtype and the memory the
+  context needs, from the config alone)."""
+  sampling_from(args)
+  for flag, value, low in (("--max-new-tokens", args.max_new_tokens, 1), ("--max-context", args.max_context, 1), ("--devices", args.devices, 1)):
+    if value is not None and value < low: raise InvalidArgumentError(f"{flag} must be >= {low}, but is {value}")
 
 def load_model(args):
   from tg_llama.api import load
@@ -50,6 +60,7 @@ def warm_up(model):
   print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
 def cmd_chat(args) -> int:
+  check_args(args)
   from tg_llama.chat import ChatSession, run_chat
   model = load_model(args)
   session = ChatSession(model, system=args.system, sampling=sampling_from(args), max_new_tokens=args.max_new_tokens)
@@ -57,6 +68,7 @@ def cmd_chat(args) -> int:
   return run_chat(model, session, show_stats=args.stats)
 
 def cmd_generate(args) -> int:
+  check_args(args)
   model = load_model(args)
   tok = model.tokenizer
   if args.chat:

@@ -14,3 +14,7 @@ class ContextLengthError(TgLlamaError, ValueError):
 
 class EngineBusyError(TgLlamaError):
   """The engine takes no more requests now: its queue is full, or it is shutting down."""
+
+class InvalidArgumentError(TgLlamaError, ValueError):
+  """An argument out of its range (a sampling knob, a token id, a context size the machine cannot hold), refused
+  before any work is done."""

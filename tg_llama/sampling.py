@@ -13,11 +13,12 @@ Non-goals: typical/epsilon/eta sampling, logit bias, and HF's `min_tokens_to_kee
 (always 1 here). Where several tokens tie at the top-p cut-off, we keep all of them, where HF keeps the ones that
 torch.sort happens to put last."""
 from __future__ import annotations
-import secrets
+import math, numbers, secrets
 from dataclasses import dataclass
 from typing import Sequence
 import numpy as np
 from tinygrad import Tensor, dtypes
+from tg_llama.errors import InvalidArgumentError
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -30,16 +31,19 @@ class SamplingParams:
   frequency_penalty: float = 0.0   # OpenAI's: subtracted once per time the token was generated so far; 0 means off
   seed: int|None = None            # None means a fresh random seed at each Sampler.reset
   def __post_init__(self):
-    if not self.temperature >= 0: raise ValueError(f"temperature must be >= 0, but is {self.temperature}")
+    for name in ("temperature", "top_p", "min_p", "repetition_penalty", "presence_penalty", "frequency_penalty"):
+      if isinstance(v := getattr(self, name), bool) or not isinstance(v, numbers.Real) or not math.isfinite(v):
+        raise InvalidArgumentError(f"{name} must be a finite number, but is {v!r}")
+    if not self.temperature >= 0: raise InvalidArgumentError(f"temperature must be >= 0, but is {self.temperature}")
     if isinstance(self.top_k, bool) or not isinstance(self.top_k, int) or self.top_k < 0:
-      raise ValueError(f"top_k must be an int >= 0, but is {self.top_k!r}")
-    if not 0 < self.top_p <= 1: raise ValueError(f"top_p must be in (0, 1], but is {self.top_p}")
-    if not 0 <= self.min_p < 1: raise ValueError(f"min_p must be in [0, 1), but is {self.min_p}")
-    if not self.repetition_penalty > 0: raise ValueError(f"repetition_penalty must be > 0, but is {self.repetition_penalty}")
+      raise InvalidArgumentError(f"top_k must be an int >= 0, but is {self.top_k!r}")
+    if not 0 < self.top_p <= 1: raise InvalidArgumentError(f"top_p must be in (0, 1], but is {self.top_p}")
+    if not 0 <= self.min_p < 1: raise InvalidArgumentError(f"min_p must be in [0, 1), but is {self.min_p}")
+    if not self.repetition_penalty > 0: raise InvalidArgumentError(f"repetition_penalty must be > 0, but is {self.repetition_penalty}")
+    if self.seed is not None and not (isinstance(self.seed, int) and not isinstance(self.seed, bool) and 0 <= self.seed < 2**64):
+      raise InvalidArgumentError(f"seed must be None or an int in [0, 2**64), but is {self.seed!r}")
     for name in ("presence_penalty", "frequency_penalty"):
-      if not -2 <= getattr(self, name) <= 2: raise ValueError(f"{name} must be in [-2, 2], but is {getattr(self, name)}")
-    if self.seed is not None and not (isinstance(self.seed, int) and 0 <= self.seed < 2**64):
-      raise ValueError(f"seed must be None or an int in [0, 2**64), but is {self.seed!r}")
+      if not -2 <= getattr(self, name) <= 2: raise InvalidArgumentError(f"{name} must be in [-2, 2], but is {getattr(self, name)}")
 
   @property
   def is_greedy(self) -> bool:
@@ -138,7 +142,7 @@ class Sampler:
   variables): a captured graph serves every assignment of sequences to slots.
   Calling it inside a TinyJit is fine: the state lives in fixed buffers that reset() overwrites in place."""
   def __init__(self, slots: int, vocab: int, device: str|None = None):
-    if slots < 1 or vocab < 1: raise ValueError(f"slots and vocab must be >= 1, but are {slots} and {vocab}")
+    if slots < 1 or vocab < 1: raise InvalidArgumentError(f"slots and vocab must be >= 1, but are {slots} and {vocab}")
     self.slots, self.vocab = slots, vocab
     self.knobs = pack([SamplingParams()] * slots, device).contiguous().realize()
     self.seen = Tensor.zeros(slots, vocab, dtype=dtypes.bool, device=device).contiguous().realize()
@@ -151,12 +155,12 @@ class Sampler:
     same numbers), and each one's prompt token ids, which the repetition penalty counts as seen."""
     slots = list(range(len(params)) if slots is None else slots)
     if len(params) != len(slots) or not all(0 <= s < self.slots for s in slots):
-      raise ValueError(f"need one SamplingParams per slot in [0, {self.slots}), but got {len(params)} for slots {slots}")
-    if prompts is not None and len(prompts) != len(slots): raise ValueError(f"need {len(slots)} prompts, but got {len(prompts)}")
+      raise InvalidArgumentError(f"need one SamplingParams per slot in [0, {self.slots}), but got {len(params)} for slots {slots}")
+    if prompts is not None and len(prompts) != len(slots): raise InvalidArgumentError(f"need {len(slots)} prompts, but got {len(prompts)}")
     seen, knobs, keys, counter = self.seen.numpy(), self.knobs.numpy(), self.key.numpy(), self.counter.numpy()
     for row, (slot, p) in enumerate(zip(slots, params)):
       ids = list(prompts[row]) if prompts is not None else []
-      if len(bad := [i for i in ids if not 0 <= i < self.vocab]): raise ValueError(f"prompt {row} has token ids {bad[:5]} outside [0, {self.vocab})")
+      if len(bad := [i for i in ids if not 0 <= i < self.vocab]): raise InvalidArgumentError(f"prompt {row} has token ids {bad[:5]} outside [0, {self.vocab})")
       seen[slot] = False
       seen[slot, ids] = True
       knobs[slot] = pack([p]).numpy()[0]
@@ -175,7 +179,7 @@ class Sampler:
     read the state before either writes it back, in no set order."""
     slots = list(range(logits.shape[0]) if slots is None else slots)
     if logits.shape != (len(slots), self.vocab) or len(slots) > self.slots:
-      raise ValueError(f"logits must be {(len(slots), self.vocab)} for at most {self.slots} slots, but are {logits.shape}")
+      raise InvalidArgumentError(f"logits must be {(len(slots), self.vocab)} for at most {self.slots} slots, but are {logits.shape}")
     rows = lambda t: t[slots[0]:slots[0]+1] if len(slots) == 1 else Tensor.cat(*[t[s:s+1] for s in slots])
     seen, counts, counter = rows(self.seen), rows(self.counts), rows(self.counter)
     tok = sample(logits, rows(self.knobs), rows(self.key), counter, seen, counts)

@@ -18,7 +18,7 @@ from typing import Callable, Iterator
 import numpy as np
 from tg_llama.engine.kv_cache import Slot
 from tg_llama.engine.runner import ModelRunner
-from tg_llama.errors import ContextLengthError, EngineBusyError, TgLlamaError
+from tg_llama.errors import ContextLengthError, EngineBusyError, InvalidArgumentError, TgLlamaError
 from tg_llama.jit_cache import GraphCache
 from tg_llama.sampling import SamplingParams
 
@@ -62,6 +62,11 @@ class Handle:
 
   def cancel(self): self.engine.cancel(self)
 
+  def __del__(self):
+    # dropped unread (a generate() never iterated): the request must not run on at the next step. A request that reports
+    # through a callback runs on without its handle
+    if self._outputs is not None: self.seq.cancelled = True
+
   def __iter__(self) -> Iterator[Output]:
     assert self._outputs is not None, "a request submitted with a callback reports through it"
     try:
@@ -94,12 +99,12 @@ class Engine:
 
   def submit(self, request: Request, notify: Callable[[Output], None] | None = None) -> Handle:
     """Queue a request (from any thread). Raises ContextLengthError when it cannot fit in the context, EngineBusyError
-    when the queue is full or the engine is closing, ValueError for token ids outside the vocabulary."""
+    when the queue is full or the engine is closing, InvalidArgumentError for token ids outside the vocabulary."""
     n = len(request.prompt)
-    if n == 0: raise ValueError("an empty prompt: give at least one token")
+    if n == 0: raise InvalidArgumentError("an empty prompt: give at least one token")
     if bad := [t for t in request.prompt if not (isinstance(t, (int, np.integer)) and 0 <= t < self.vocab)]:
-      raise ValueError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab})")
-    if request.max_tokens < 0: raise ValueError(f"max_tokens must be >= 0, got {request.max_tokens}")
+      raise InvalidArgumentError(f"token ids {bad[:5]} are outside the vocabulary [0, {self.vocab})")
+    if request.max_tokens < 0: raise InvalidArgumentError(f"max_tokens must be >= 0, got {request.max_tokens}")
     if n + max(request.max_tokens - 1, 0) > self.max_context:
       raise ContextLengthError(f"{n} prompt tokens + {request.max_tokens} to generate do not fit in the context of {self.max_context} tokens")
     outputs = None if notify is not None else queue.Queue()
