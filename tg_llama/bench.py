@@ -34,11 +34,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--runs", type=int, default=3, help="timed runs after the warm-up (the median is reported)")
   p.add_argument("--compare", action="append", choices=COMPARE, default=[], help="also time this peer (repeatable)")
   p.add_argument("--json", action="store_true", help="print the results as one JSON object instead of a table")
+  p.add_argument("--concurrency", type=_levels, default=None, metavar="1,4,8",
+                 help="instead: streams at once through `tg-llama serve` (aggregate tokens/s, time to first token and between tokens)")
+  p.add_argument("--rounds", type=int, default=2, help="with --concurrency: requests per stream slot at each level (default 2)")
   args = p.parse_args(argv)
-  for name in ("prompt_tokens", "gen_tokens", "runs"):
+  for name in ("prompt_tokens", "gen_tokens", "runs", "rounds"):
     if getattr(args, name) < 1: p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
   if args.gen_tokens < 2: p.error(f"--gen-tokens must be at least 2 to time decoding, got {args.gen_tokens}")
   return args
+
+def _levels(text: str) -> list[int]:
+  try: levels = [int(x) for x in text.split(",")]
+  except ValueError: raise argparse.ArgumentTypeError(f"expected numbers like 1,4,8, got {text!r}") from None
+  if not levels or min(levels) < 1: raise argparse.ArgumentTypeError(f"concurrency levels must be >= 1, got {text!r}")
+  return levels
 
 def synthetic_prompt(n: int, vocab: int, run: int) -> list[int]:
   """Deterministic ids; each run starts with a different token so no run reuses another's cached prefix."""
@@ -174,6 +183,9 @@ def table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
+  if args.concurrency:
+    from tg_llama import bench_serve
+    return bench_serve.main(args, args.concurrency)
   from tg_llama.assets import default_model_path
   path = pathlib.Path(args.model).expanduser() if args.model else default_model_path()
   ours = bench_ours(args, path)
