@@ -130,9 +130,11 @@ def test_invalid_params(kw, bad):
 
 def test_invalid_sampler_use():
   s = Sampler(2, 10)
-  with pytest.raises(ValueError, match="got 1"): s.reset([SamplingParams()])
+  with pytest.raises(ValueError, match=r"got 1 for slots \[0, 1\]"): s.reset([SamplingParams()], slots=[0, 1])
+  with pytest.raises(ValueError, match=r"slot in \[0, 2\)"): s.reset([SamplingParams()], slots=[2])
   with pytest.raises(ValueError, match=r"\[10\]"): s.reset([SamplingParams()] * 2, [[1], [10]])
   with pytest.raises(ValueError, match=r"\(3, 10\)"): s(Tensor.zeros(3, 10))
+  with pytest.raises(ValueError, match=r"for at most 2 slots"): s(Tensor.zeros(2, 10), slots=[0])
 
 def test_under_tinyjit(monkeypatch):
   V = 3000

@@ -54,6 +54,11 @@ def _opts(k) -> list[Opt] | None:
     if kv_length and not _is_decode_length(shape[kv_length[0]]) and axis is not None and shape[axis] % (4 * threads) == 0:
       opts.append(Opt(OptOps.UPCAST, axis, 4))
     return opts + [Opt(OptOps.UNROLL, 1, 0)]
+  # the same product for a decode batch of 2-8 rows: batch x rows x (K/A) x A. The batch axis upcast whole, so that each
+  # weight is read once for every row of the batch (tg_llama/linear.py keeps batch x lanes within 64 accumulators)
+  if lanes and len(shape) == 4 and all(known) and 2 <= shape[0] <= 8:
+    axis = thread_axis([1])
+    return ([Opt(OptOps.THREAD, axis, threads)] if axis is not None else []) + [Opt(OptOps.UPCAST, 0, shape[0]), Opt(OptOps.UNROLL, 1, 0)]
   # a matrix product of a prefill chunk: tokens x rows x K, all known. Threads over the rows, a 4 tokens x 8 rows
   # register tile, K unrolled by 8: measured 64x576 @ 576x1536 float32 9.5 -> 40.6 GFLOPS on 2 cores
   if len(shape) == 3 and reduce == [2] and all(known) and shape[0] % 4 == 0 and shape[1] % (8 * threads) == 0 and shape[2] % 8 == 0:

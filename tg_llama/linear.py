@@ -10,11 +10,15 @@ from __future__ import annotations
 from tinygrad import Tensor
 from tinygrad.helpers import prod
 
-def lanes(n: int) -> int:
-  """The widest lane count (up to 64) that splits a reduction of length n."""
-  return next(a for a in (64, 32, 16, 8, 4, 2, 1) if n % a == 0)
+MAX_MATVEC_ROWS = 8  # a decode step's batch: each weight row is read once for all of them (tg_llama/cpu_opts.py)
 
-def one_token(x: Tensor) -> bool: return all(isinstance(s, int) for s in x.shape[:-1]) and prod(x.shape[:-1]) == 1
+def lanes(n: int, rows: int = 1) -> int:
+  """The widest lane count (up to 64 lanes for all the rows together) that splits a reduction of length n."""
+  return next(a for a in (64, 32, 16, 8, 4, 2, 1) if n % a == 0 and a * rows <= 64 or a == 1)
+
+def matvec_rows(x: Tensor) -> bool:
+  """Whether x (..., K) is a decode step's few rows, for a matrix-vector product, not a prefill chunk's matmul."""
+  return all(isinstance(s, int) for s in x.shape[:-1]) and prod(x.shape[:-1]) <= MAX_MATVEC_ROWS
 
 def lanes_matvec(x: Tensor, w: Tensor, n_lanes: int | None = None, scale: Tensor | None = None) -> Tensor:
   """x (..., K) with one row, w (N, K) of any dtype or a dequantizing expression: x @ w.T, the reduction split into
@@ -23,7 +27,7 @@ def lanes_matvec(x: Tensor, w: Tensor, n_lanes: int | None = None, scale: Tensor
   into the load and recomputes it for every output row, or fuses gate and up (one input) into one slower kernel."""
   (N, K) = w.shape
   # a weight split over devices on its input axis: each device's part of the reduction splits into lanes
-  A = n_lanes or lanes(K // len(w.device) if isinstance(w.device, tuple) and w.uop.axis == 1 else K)
+  A = n_lanes or lanes(K // len(w.device) if isinstance(w.device, tuple) and w.uop.axis == 1 else K, prod(x.shape[:-1]))
   y = (x.contiguous().reshape(*x.shape[:-1], 1, K // A, A) * w.cast(x.dtype).reshape(N, K // A, A)).sum(-2).sum(-1)
   return (y if scale is None else y * scale).contiguous()
 
@@ -34,5 +38,5 @@ class Linear:
     self.weight = Tensor.empty(out_features, in_features)
 
   def __call__(self, x: Tensor) -> Tensor:
-    # several tokens: a product kernel of its own (tg_llama/cpu_opts.py tiles it), its input computed once, not per row
-    return lanes_matvec(x, self.weight) if one_token(x) else x.contiguous().linear(self.weight.transpose()).contiguous()
+    # a prefill chunk: a product kernel of its own (tg_llama/cpu_opts.py tiles it), its input computed once, not per row
+    return lanes_matvec(x, self.weight) if matvec_rows(x) else x.contiguous().linear(self.weight.transpose()).contiguous()

@@ -27,7 +27,7 @@ from tinygrad import Tensor, dtypes, nn
 from tg_llama.convert import LAYER_NAMES, interleaved_to_half_split
 from tg_llama.errors import UnsupportedModelError
 from tg_llama.formats import gguf
-from tg_llama.linear import Linear, lanes_matvec, one_token
+from tg_llama.linear import Linear, lanes_matvec, matvec_rows
 
 MODES = ("none", "int8", "int4", "gguf")
 
@@ -43,11 +43,11 @@ class Int8Linear:
 
   def __call__(self, x: Tensor) -> Tensor:
     (N, K), G = self.weight.shape, self.group_size
-    if G == K and one_token(x):  # one scale per row: applied once to each dot product
+    if G == K and matvec_rows(x):  # one scale per row: applied once to each dot product
       return lanes_matvec(x, self.weight, scale=self.scale[:, 0].cast(x.dtype))
     w = (self.weight.cast(x.dtype).reshape(N, K // G, G) * self.scale.cast(x.dtype).unsqueeze(-1)).reshape(N, K)
     # a block per lane step (one scale per step): measured 4.8 ms vs 7-8 ms with 64 lanes at 49152x576
-    if one_token(x): return lanes_matvec(x, w, n_lanes=G)
+    if matvec_rows(x): return lanes_matvec(x, w, n_lanes=G)
     return (x.contiguous() @ w.contiguous().T).contiguous()  # several tokens: decoded once into a float matrix (see Int4Linear)
 
   @staticmethod
@@ -78,7 +78,7 @@ class Int4Linear:
     lo, hi = self.weight.bitwise_and(0xF).cast(x.dtype), self.weight.rshift(4).cast(x.dtype)
     scale, mn = self.scale.cast(x.dtype).unsqueeze(-1), self.min.cast(x.dtype).unsqueeze(-1)
     # several tokens: decoded once into a float matrix, not once per token inside the product (measured 5x slower)
-    if not one_token(x): return (x.contiguous() @ (lo.cat(hi, dim=-1) * scale + mn).reshape(N, B * 2 * H).contiguous().T).contiguous()
+    if not matvec_rows(x): return (x.contiguous() @ (lo.cat(hi, dim=-1) * scale + mn).reshape(N, B * 2 * H).contiguous().T).contiguous()
     # one token: the H bytes of a block are the lanes, each byte read once for its two weights (see linear.lanes_matvec)
     xs = x.contiguous().reshape(*x.shape[:-1], 1, B, 2 * H)
     return (xs[..., :H] * (lo * scale + mn) + xs[..., H:] * (hi * scale + mn)).sum(-2).sum(-1).contiguous()

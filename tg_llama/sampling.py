@@ -177,14 +177,16 @@ class Sampler:
     own slot), marks them seen and advances that slot's rng. Realizes, so call it last in the step: under a TinyJit,
     the state updates must run inside the captured graph, not after it. No two rows may name the same slot: both would
     read the state before either writes it back, in no set order."""
-    slots = list(range(logits.shape[0]) if slots is None else slots)
-    if logits.shape != (len(slots), self.vocab) or len(slots) > self.slots:
-      raise InvalidArgumentError(f"logits must be {(len(slots), self.vocab)} for at most {self.slots} slots, but are {logits.shape}")
-    rows = lambda t: t[slots[0]:slots[0]+1] if len(slots) == 1 else Tensor.cat(*[t[s:s+1] for s in slots])
+    B = logits.shape[0]
+    if B > self.slots or logits.shape[1] != self.vocab or (slots is not None and len(slots) != B):
+      raise InvalidArgumentError(f"logits must be (rows, {self.vocab}) for at most {self.slots} slots, but are {logits.shape}")
+    # rows 0..B-1 being slots 0..B-1, the state is read and written in one piece; else a row at a time
+    views = (lambda t: [t[0:B]]) if slots is None else (lambda t: [t[s:s+1] for s in slots])
+    rows = lambda t: Tensor.cat(*v) if len(v := views(t)) > 1 else v[0]
     seen, counts, counter = rows(self.seen), rows(self.counts), rows(self.counter)
-    tok = sample(logits, rows(self.knobs), rows(self.key), counter, seen, counts)
-    seen, counts, counter = mark_seen(seen, tok), counts + Tensor.arange(self.vocab).reshape(1, -1).eq(tok), counter + 1
-    Tensor.realize(tok, *[self.seen[s:s+1].assign(seen[b:b+1]) for b, s in enumerate(slots)],
-                   *[self.counts[s:s+1].assign(counts[b:b+1]) for b, s in enumerate(slots)],
-                   *[self.counter[s:s+1].assign(counter[b:b+1]) for b, s in enumerate(slots)])
+    # realized before the state is written: else the writes may run first, and the token be drawn again from the new state
+    tok = sample(logits, rows(self.knobs), rows(self.key), counter, seen, counts).realize()
+    updates = ((self.seen, mark_seen(seen, tok)), (self.counts, counts + Tensor.arange(self.vocab).reshape(1, -1).eq(tok)), (self.counter, counter + 1))
+    width = B if slots is None else 1
+    Tensor.realize(*[v.assign(new[i * width:(i + 1) * width]) for state, new in updates for i, v in enumerate(views(state))])
     return tok
