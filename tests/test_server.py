@@ -255,6 +255,7 @@ def test_the_chat_page_streams_an_answer(served):
   webdriver = pytest.importorskip("selenium.webdriver")
   from selenium.webdriver.chrome.service import Service
   from selenium.webdriver.common.by import By
+  from selenium.common.exceptions import TimeoutException
   from selenium.webdriver.support.ui import WebDriverWait
   opts = webdriver.ChromeOptions()
   for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"): opts.add_argument(arg)
@@ -263,18 +264,24 @@ def test_the_chat_page_streams_an_answer(served):
   try:
     driver.get(served.url + "/")
     assert MODEL_ID in driver.find_element(By.ID, "model").text
+    driver.find_element(By.ID, "max").clear()
+    driver.find_element(By.ID, "max").send_keys("24")  # short answers: this machine is slow and shared
+    def wait_answer(n: int):  # the n-th answer, streamed to its end
+      done = lambda d: len(answer(d)) == n and answer(d)[-1].text.strip() and d.find_element(By.ID, "send").is_enabled()
+      try: WebDriverWait(driver, 60).until(done)
+      except TimeoutException: raise AssertionError(f"page: {driver.find_element(By.ID, 'log').text!r}, console: {driver.get_log('browser')}") from None
     box = driver.find_element(By.ID, "input")
     box.send_keys("What is the capital of France?")
     driver.find_element(By.ID, "send").click()
     answer = lambda d: d.find_elements(By.CSS_SELECTOR, ".msg.assistant")
-    WebDriverWait(driver, 60).until(lambda d: answer(d) and answer(d)[-1].text.strip() and d.find_element(By.ID, "send").is_enabled())
+    wait_answer(1)
     first = answer(driver)[-1].text
     assert "error" not in answer(driver)[-1].get_attribute("class") and len(first) > 3
     assert driver.find_element(By.CSS_SELECTOR, ".msg.user").text == "What is the capital of France?"
     # a second turn keeps the conversation; New chat clears it
     box.send_keys("And of Spain?")
     driver.find_element(By.ID, "send").click()
-    WebDriverWait(driver, 60).until(lambda d: len(answer(d)) == 2 and answer(d)[-1].text.strip() and d.find_element(By.ID, "send").is_enabled())
+    wait_answer(2)
     assert driver.execute_script("return messages.length") == 4
     driver.find_element(By.ID, "new").click()
     assert driver.find_elements(By.CSS_SELECTOR, ".msg") == [] and driver.execute_script("return messages.length") == 0

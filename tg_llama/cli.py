@@ -98,14 +98,16 @@ def cmd_serve(args) -> int:
                            ("--port", args.port, 0), ("--max-waiting", args.max_waiting, 0)):
     if value is not None and value < low: raise InvalidArgumentError(f"{flag} must be >= {low}, but is {value}")
   try: from tg_llama.serve.server import run
-  except ImportError as e: raise TgLlamaError(f"tg-llama serve needs FastAPI and uvicorn ({e.name} is missing): pip install 'tg-llama[serve]'") from None
+  except ImportError as e:
+    raise TgLlamaError(f"tg-llama serve needs FastAPI and uvicorn ({e.name} is missing): pip install 'tg-llama[serve]'") from None
   from tg_llama.api import load
   from tg_llama.assets import resolve_model
   path = resolve_model(args.model)
   start = time.perf_counter()
   model = load(path, backend=args.backend, dtype=args.dtype, max_context=args.max_context, progress=True, devices=args.devices,
                quantize=args.quantize, slots=args.slots)
-  print(f"loaded {path.name} on {model.backend.device} ({model.dtype.name}, {args.slots} slots) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+  print(f"loaded {path.name} on {model.backend.device} ({model.dtype.name}, {args.slots} slots) in {time.perf_counter() - start:.1f} s",
+        file=sys.stderr)
   model.engine.max_waiting = args.max_waiting
   warm_up(model)
   warm_up_batches(model, args.slots)

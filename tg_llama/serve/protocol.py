@@ -27,7 +27,8 @@ def api_error(e: TgLlamaError) -> ApiError:
   """The HTTP error for an error of the engine."""
   if isinstance(e, ContextLengthError): return bad(str(e), "messages", "context_length_exceeded")
   if isinstance(e, InvalidArgumentError): return bad(str(e))
-  if isinstance(e, EngineBusyError): return ApiError(503, f"the server is busy: {e}", type="server_error", code="overloaded", headers={"Retry-After": "1"})
+  if isinstance(e, EngineBusyError):
+    return ApiError(503, f"the server is busy: {e}", type="server_error", code="overloaded", headers={"Retry-After": "1"})
   return ApiError(500, str(e), type="server_error")
 
 # known fields this server does not implement, and the values that mean "not used" (null always does)
@@ -59,7 +60,8 @@ def _number(body: dict, name: str, default: float, lo: float, hi: float) -> floa
 
 def _int(body: dict, name: str, default: int | None, lo: int, hi: int | None = None) -> int | None:
   v = _get(body, name, (int,), "an integer", default)
-  if v is not None and not (lo <= v and (hi is None or v <= hi)): raise bad(f"'{name}' must be an integer in [{lo}, {hi if hi is not None else 'inf'}), but is {v}", name)
+  if v is not None and not (lo <= v and (hi is None or v <= hi)):
+    raise bad(f"'{name}' must be an integer in [{lo}, {'inf' if hi is None else hi}], but is {v}", name)
   return v
 
 def _short(v) -> str: return s if len(s := repr(v)) <= 60 else s[:57] + "..."
@@ -71,10 +73,12 @@ def parse(body, chat: bool, tokenizer: Tokenizer, model_id: str, max_context: in
   if (model := _get(body, "model", (str,), "a string")) != model_id:
     raise ApiError(404, f"the model {_short(model)} does not exist; this server serves {model_id!r}", "model", "model_not_found")
   for name, unused in UNSUPPORTED.items():
-    if body.get(name) is not None and body[name] not in unused: raise bad(f"'{name}' is not supported by this server (got {_short(body[name])})", name)
+    if body.get(name) is not None and body[name] not in unused:
+      raise bad(f"'{name}' is not supported by this server (got {_short(body[name])})", name)
   prompt, where = (_chat_prompt(body, tokenizer), "messages") if chat else (_completion_prompt(body, tokenizer), "prompt")
   if len(prompt) >= max_context:
-    raise bad(f"the prompt is {len(prompt)} tokens, and the model's context is {max_context}: no room for an answer", where, "context_length_exceeded")
+    raise bad(f"the prompt is {len(prompt)} tokens, and the model's context is {max_context}: no room for an answer", where,
+              "context_length_exceeded")
   room = max_context - len(prompt)
   max_tokens = _int(body, "max_completion_tokens", None, 1) if chat else None
   max_tokens = max_tokens if max_tokens is not None else _int(body, "max_tokens", None, 1)
@@ -96,7 +100,8 @@ def parse(body, chat: bool, tokenizer: Tokenizer, model_id: str, max_context: in
     sampling = SamplingParams(temperature=_number(body, "temperature", 1.0, 0, 2), top_p=_number(body, "top_p", 1.0, 0, 1),
                               top_k=_int(body, "top_k", 0, 0) if body.get("top_k") != -1 else 0, min_p=_number(body, "min_p", 0, 0, 1),
                               repetition_penalty=_number(body, "repetition_penalty", 1.0, 0, 10),
-                              presence_penalty=_number(body, "presence_penalty", 0, -2, 2), frequency_penalty=_number(body, "frequency_penalty", 0, -2, 2),
+                              presence_penalty=_number(body, "presence_penalty", 0, -2, 2),
+                              frequency_penalty=_number(body, "frequency_penalty", 0, -2, 2),
                               seed=None if seed is None else seed % 2**64)
   except InvalidArgumentError as e: raise bad(str(e), str(e).split(" ")[0]) from None
   stream = _get(body, "stream", (bool,), "a boolean", False)
@@ -140,7 +145,8 @@ def _completion_prompt(body: dict, tokenizer: Tokenizer) -> list[int]:
     if (bad_id := next((t for t in p if not 0 <= t < tokenizer.vocab_size), None)) is not None:
       raise bad(f"'prompt' has token id {bad_id}, outside the vocabulary [0, {tokenizer.vocab_size})", "prompt")
     return p
-  if isinstance(p, list) and len(p) > 1 and all(isinstance(x, (str, list)) for x in p): raise bad("several prompts in one request are not supported", "prompt")
+  if isinstance(p, list) and len(p) > 1 and all(isinstance(x, (str, list)) for x in p):
+    raise bad("several prompts in one request are not supported", "prompt")
   raise bad(f"'prompt' must be a string or a list of token ids, not {_short(p)}", "prompt")
 
 # *** responses ***
@@ -184,7 +190,8 @@ class Shapes:
     lp = self.logprobs(entries) if entries else None
     if self.job.chat: choice = {"index": 0, "delta": ({"role": "assistant"} if role else {}) | ({"content": text} if text or role else {})}
     else: choice = {"index": 0, "text": text}
-    out = self._head("chat.completion.chunk" if self.job.chat else "text_completion") | {"choices": [choice | {"logprobs": lp, "finish_reason": finish}]}
+    kind = "chat.completion.chunk" if self.job.chat else "text_completion"
+    out = self._head(kind) | {"choices": [choice | {"logprobs": lp, "finish_reason": finish}]}
     return out | ({"usage": None} if self.job.include_usage else {})
 
   def usage_chunk(self, usage: dict) -> dict:
