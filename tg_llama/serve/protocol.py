@@ -1,11 +1,11 @@
 """OpenAI's shapes for /v1/chat/completions and /v1/completions: a request body checked field by field into a Job (what
 the engine runs, and how to answer), the JSON that goes back, and errors as `{"error": {message, type, param, code}}`.
 
-Unknown fields are ignored, as OpenAI and vLLM do; fields we know but do not implement (n > 1, best_of, echo, suffix,
+Unknown fields are ignored with a warning in the log, as vLLM does; fields we know but do not implement (n > 1, best_of, echo, suffix,
 logit_bias, tools and function calls, response_format, audio) are refused with a 400 naming them, never ignored.
 Extensions, as vLLM's: top_k, min_p, repetition_penalty. Not here: several prompts or choices in one request, images."""
 from __future__ import annotations
-import numbers, time, uuid
+import logging, numbers, time, uuid
 from dataclasses import dataclass
 from tg_llama.chat_template import encode_chat
 from tg_llama.engine.engine import Request
@@ -35,6 +35,11 @@ def api_error(e: TgLlamaError) -> ApiError:
 UNSUPPORTED = {"n": (1,), "best_of": (1,), "echo": (False,), "suffix": ("",), "logit_bias": ({},), "tools": ([],), "tool_choice": ("none",),
                "functions": ([],), "function_call": ("none",), "response_format": ({"type": "text"},), "audio": (), "prediction": (),
                "modalities": (["text"],), "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": ()}
+
+KNOWN = {"model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
+         "seed", "stop", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "stream", "stream_options", "user", "metadata",
+         "store", "service_tier", "parallel_tool_calls", *UNSUPPORTED}
+log = logging.getLogger("tg_llama.serve")
 
 @dataclass(frozen=True)
 class Job:
@@ -72,6 +77,7 @@ def parse(body, chat: bool, tokenizer: Tokenizer, model_id: str, max_context: in
   if "model" not in body: raise bad("'model' is required", "model")
   if (model := _get(body, "model", (str,), "a string")) != model_id:
     raise ApiError(404, f"the model {_short(model)} does not exist; this server serves {model_id!r}", "model", "model_not_found")
+  if unknown := sorted(set(body) - KNOWN): log.warning("ignoring unknown fields of a request: %s", ", ".join(map(_short, unknown[:10])))
   for name, unused in UNSUPPORTED.items():
     if body.get(name) is not None and body[name] not in unused:
       raise bad(f"'{name}' is not supported by this server (got {_short(body[name])})", name)
