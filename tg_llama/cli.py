@@ -1,4 +1,4 @@
-"""The `tg-llama` command: chat, generate, convert, bench, cache. Errors print one line, never a traceback."""
+"""The `tg-llama` command: chat, generate, serve, convert, bench, cache. Errors print one line, never a traceback."""
 from __future__ import annotations
 import argparse, sys, time
 from tg_llama.errors import InvalidArgumentError, TgLlamaError
@@ -59,6 +59,13 @@ def warm_up(model):
   for _ in range(1 if {"prefill", "decode1", "greedy1"} <= set(loaded) else 3): list(model.generate([model.config.bos_id or 0] * 2, 3))
   print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
+def warm_up_batches(model, slots: int):
+  """Capture what a server also runs: sampled decoding, and every batch size up to `slots` sequences at once."""
+  from tg_llama.engine.engine import Request
+  from tg_llama.sampling import SamplingParams
+  handles = [model.engine.submit(Request((model.config.bos_id or 0,) * 2, 3, SamplingParams(temperature=1.0, seed=i))) for i in range(slots)]
+  for h in handles: list(h)
+
 def cmd_chat(args) -> int:
   check_args(args)
   from tg_llama.chat import ChatSession, run_chat
@@ -84,6 +91,28 @@ def cmd_generate(args) -> int:
   sys.stdout.write("\n")
   if args.stats: print(f"[{n} tokens in {time.perf_counter() - start:.2f} s]", file=sys.stderr)
   return 0
+
+def cmd_serve(args) -> int:
+  import os
+  for flag, value, low in (("--max-context", args.max_context, 1), ("--devices", args.devices, 1), ("--slots", args.slots, 1),
+                           ("--port", args.port, 0), ("--max-waiting", args.max_waiting, 0)):
+    if value is not None and value < low: raise InvalidArgumentError(f"{flag} must be >= {low}, but is {value}")
+  try: from tg_llama.serve.server import run
+  except ImportError as e:
+    raise TgLlamaError(f"tg-llama serve needs FastAPI and uvicorn ({e.name} is missing): pip install 'tg-llama[serve]'") from None
+  from tg_llama.api import load
+  from tg_llama.assets import resolve_model
+  path = resolve_model(args.model)
+  start = time.perf_counter()
+  model = load(path, backend=args.backend, dtype=args.dtype, max_context=args.max_context, progress=True, devices=args.devices,
+               quantize=args.quantize, slots=args.slots)
+  print(f"loaded {path.name} on {model.backend.device} ({model.dtype.name}, {args.slots} slots) in {time.perf_counter() - start:.1f} s",
+        file=sys.stderr)
+  model.engine.max_waiting = args.max_waiting
+  warm_up(model)
+  warm_up_batches(model, args.slots)
+  model_id = args.model_id or (path.stem if path.is_file() else path.name)
+  return run(model, args.host, args.port, model_id, args.api_key or os.environ.get("TG_LLAMA_API_KEY") or None)
 
 def cmd_convert(args) -> int:
   from tinygrad import dtypes
@@ -113,6 +142,17 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template and answer it")
   p.add_argument("--stats", action="store_true", help="print the token count and time")
   p.set_defaults(func=cmd_generate)
+  p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with a chat page (needs tg-llama[serve])",
+                     description="Serve the model over OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models), "
+                                 "with /health and a chat page at /. SIGTERM or Ctrl-C ends open streams and exits.")
+  add_model_args(p)
+  p.add_argument("--host", default="127.0.0.1", help="the address to listen on (default 127.0.0.1; 0.0.0.0 for every interface)")
+  p.add_argument("--port", type=int, default=8000, help="default 8000")
+  p.add_argument("--slots", type=int, default=4, help="sequences generated at once, a KV cache slot each (default 4)")
+  p.add_argument("--max-waiting", type=int, default=64, help="requests queued for a slot before new ones get 503 (default 64)")
+  p.add_argument("--api-key", default=None, help="require `Authorization: Bearer KEY` on /v1 routes (default: $TG_LLAMA_API_KEY, else none)")
+  p.add_argument("--model-id", default=None, help="the model's name in the API (default: the model file's or folder's name)")
+  p.set_defaults(func=cmd_serve)
   p = sub.add_parser("convert", help="write any checkpoint as an HF-layout directory (config.json + model.safetensors)")
   p.add_argument("src", help="a GGUF file, an HF or Meta checkpoint directory")
   p.add_argument("dst", help="the directory to write (written beside it first, moved into place when complete)")
