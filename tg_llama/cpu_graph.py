@@ -88,6 +88,10 @@ static void *worker(void *arg) {
 static int main_sense = 0;
 
 int tg_start(int threads) {
+  // once per library: dlopen hands a process the library it already loaded, and a second pool would share its barrier
+  static int started = 0;
+  if (started) return 0;
+  started = 1;
   n_threads = threads;
   for (int i = 1; i < threads; i++) {
     pthread_t th;
