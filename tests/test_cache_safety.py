@@ -106,7 +106,7 @@ def test_a_real_graph_loads_with_the_allowed_classes(cache, tmp_path, monkeypatc
   with open(model.graphs.path, "rb") as f: Recording(f, state_buffers(model_state(model))).load()
   assert asked and set(asked) <= GRAPH_CLASSES
   fresh = tg_llama.load(path, max_context=16)
-  assert set(fresh.graphs.load()) >= {"prefill", "decode", "greedy"}
+  assert set(fresh.graphs.load()) >= {"prefill", "decode1", "greedy1"}
   from tg_llama import jit_cache
   key = jit_cache.graph_key(model)  # the CPU's kernels are built with -march=native: another CPU gets other files
   monkeypatch.setattr(jit_cache, "cpu_features", lambda: "flags : fpu sse2")

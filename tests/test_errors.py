@@ -104,7 +104,7 @@ def test_malicious_pickle_is_not_run(model, tmp_path):
 
 def test_prompt_longer_than_context(hf_dir):
   m = tg_llama.load(hf_dir, max_context=16)
-  with pytest.raises(ContextLengthError, match="17 tokens do not fit in the context of 16"): m.logits(list(range(17)))
+  with pytest.raises(ContextLengthError, match="17 prompt tokens \\+ 0 to generate do not fit in the context of 16 tokens"): m.logits(list(range(17)))
   with pytest.raises(ContextLengthError): list(m.generate(list(range(10)), 8))
 
 def test_cli_prints_one_line(tmp_path):

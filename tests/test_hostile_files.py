@@ -46,7 +46,9 @@ def _gstr(s: str) -> bytes: return struct.pack("<Q", len(b := s.encode())) + b
 def gguf_value(v) -> tuple[int, bytes]:
   if isinstance(v, Raw): return v.typ, v.data
   if isinstance(v, bool): return 7, struct.pack("<?", v)
-  if isinstance(v, int): return (4, struct.pack("<I", v)) if 0 <= v < 2**32 else (10, struct.pack("<Q", v)) if v >= 0 else (11, struct.pack("<q", v))
+  if isinstance(v, int):
+    v = min(max(v, -2**63), 2**64 - 1)  # GGUF has no wider integer: the edges of its widest ones
+    return (4, struct.pack("<I", v)) if 0 <= v < 2**32 else (10, struct.pack("<Q", v)) if v >= 0 else (11, struct.pack("<q", v))
   if isinstance(v, float): return (6, struct.pack("<f", v)) if not math.isfinite(v) or abs(v) < 3e38 else (12, struct.pack("<d", v))
   if isinstance(v, str): return 8, _gstr(v)
   items = [gguf_value(x) for x in v]

@@ -187,7 +187,7 @@ def _check_memory(c: LlamaConfig, be: Backend, dtype: DType, context: int, slots
   per_layer = c.dim * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.n_heads * c.head_dim * c.dim + 3 * c.dim * c.hidden_dim
   weights = (c.n_layers * per_layer + c.vocab_size * c.dim * (1 if c.tie_embeddings else 2)) * dtype.itemsize
   if kv + weights > available:
-    raise InvalidArgumentError(f"max_context={context} ({slots} slots) needs a {_gb(kv)} KV cache and about {_gb(weights)} of weights, more than the "
+    raise InvalidArgumentError(f"max_context={context}{f' for {slots} slots' if slots > 1 else ''} needs a {_gb(kv)} KV cache and about {_gb(weights)} of weights, more than the "
                                f"{_gb(available)} of memory available on this machine; lower max_context (--max-context)")
 
 def _mem_available() -> int | None:
