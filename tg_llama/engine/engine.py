@@ -16,6 +16,7 @@ import itertools, queue, threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 import numpy as np
+import tinygrad.helpers as tg_helpers
 from tg_llama.engine.kv_cache import Slot
 from tg_llama.engine.runner import ModelRunner
 from tg_llama.errors import ContextLengthError, EngineBusyError, InvalidArgumentError, TgLlamaError
@@ -204,6 +205,9 @@ class Engine:
     return self
 
   def _loop(self):
+    # tinygrad's kernel cache holds one sqlite connection, usable only in the thread that opened it; from now on the model
+    # runs (and compiles) in this thread only, so it opens its own
+    tg_helpers._db_connection = None
     while True:
       with self._lock:
         while not (self.waiting or self.running or self._closing): self._lock.wait()
