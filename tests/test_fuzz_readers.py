@@ -120,13 +120,16 @@ def test_hf_config_fields(hf_src, data):
   (path / "config.json").write_text(json.dumps(data.draw(st.just(cfg) | JSON)))
   survives(path)
 
+def _safetensors_copy(hf_src):
+  """A copy of the checkpoint, its safetensors file, the file's bytes and its header's length."""
+  path = _hf_copy(hf_src)
+  raw = (f := path / "model.safetensors").read_bytes()
+  return path, f, raw, struct.unpack("<Q", raw[:8])[0]
+
 @FUZZ
 @given(data=st.data())
 def test_safetensors_header_fields(hf_src, data):
-  path = _hf_copy(hf_src)
-  f = path / "model.safetensors"
-  raw = f.read_bytes()
-  n = struct.unpack("<Q", raw[:8])[0]
+  path, f, raw, n = _safetensors_copy(hf_src)
   header = json.loads(raw[8:8 + n])
   names = sorted(header)
   for _ in range(data.draw(st.integers(1, 3))):
@@ -145,10 +148,7 @@ def test_safetensors_header_fields(hf_src, data):
 @FUZZ
 @given(data=st.data())
 def test_safetensors_header_bytes(hf_src, data):
-  path = _hf_copy(hf_src)
-  f = path / "model.safetensors"
-  raw = f.read_bytes()
-  n = struct.unpack("<Q", raw[:8])[0]
+  path, f, raw, n = _safetensors_copy(hf_src)
   f.write_bytes(flip_bytes(raw, (0, 8 + n - 1), data.draw))
   survives(path)
 
