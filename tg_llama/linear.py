@@ -5,12 +5,13 @@ For one token, `x @ w.T` renders as one serial float chain per output (the reduc
 clang cannot vectorize without reassociating. Splitting the reduction as (in/A, A) and adding the A partial
 sums last gives A independent accumulators that it does vectorize: measured on DEV=CPU, 2 cores, float32,
 576x1536 0.86 -> 0.16 ms, 3072x576 0.60 -> 0.28 ms, 576x576 0.36 -> 0.15 ms (the 49152x576 head is
-memory-bound either way). Several tokens (prefill) take the plain matmul."""
+memory-bound either way). Several tokens (a decode batch, a prefill chunk) take the plain matmul, which
+tg_llama/cpu_opts.py tiles by their count."""
 from __future__ import annotations
 from tinygrad import Tensor
 from tinygrad.helpers import prod
 
-MAX_MATVEC_ROWS = 8  # a decode step's batch: each weight row is read once for all of them (tg_llama/cpu_opts.py)
+MAX_MATVEC_ROWS = 8  # a quantized layer's decode batch: each weight row is read once for all of them (tg_llama/cpu_opts.py)
 
 def lanes(n: int, rows: int = 1) -> int:
   """The widest lane count (up to 64 lanes for all the rows together) that splits a reduction of length n."""
@@ -19,6 +20,8 @@ def lanes(n: int, rows: int = 1) -> int:
 def matvec_rows(x: Tensor) -> bool:
   """Whether x (..., K) is a decode step's few rows, for a matrix-vector product, not a prefill chunk's matmul."""
   return all(isinstance(s, int) for s in x.shape[:-1]) and prod(x.shape[:-1]) <= MAX_MATVEC_ROWS
+
+def one_row(x: Tensor) -> bool: return all(isinstance(s, int) and s == 1 for s in x.shape[:-1])
 
 def lanes_matvec(x: Tensor, w: Tensor, n_lanes: int | None = None, scale: Tensor | None = None) -> Tensor:
   """x (..., K) with one row, w (N, K) of any dtype or a dequantizing expression: x @ w.T, the reduction split into
@@ -38,5 +41,5 @@ class Linear:
     self.weight = Tensor.empty(out_features, in_features)
 
   def __call__(self, x: Tensor) -> Tensor:
-    # a prefill chunk: a product kernel of its own (tg_llama/cpu_opts.py tiles it), its input computed once, not per row
-    return lanes_matvec(x, self.weight) if matvec_rows(x) else x.contiguous().linear(self.weight.transpose()).contiguous()
+    # several tokens: a product kernel of its own, its input computed once, not per output row
+    return lanes_matvec(x, self.weight) if one_row(x) else x.contiguous().linear(self.weight.transpose()).contiguous()
