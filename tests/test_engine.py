@@ -6,7 +6,7 @@ import threading
 import numpy as np
 import pytest
 import tg_llama
-from tg_llama.engine.engine import Engine, Request
+from tg_llama.engine.engine import ROW_PREFILL, Engine, Request
 from tg_llama.engine.runner import buckets
 from tg_llama.errors import ContextLengthError, EngineBusyError
 from tg_llama.sampling import SamplingParams
@@ -88,6 +88,18 @@ def test_prefix_reuse_prefills_only_the_new_tokens(tiny, model):
   # the same prompt again: everything but its last token is reused
   before = engine.prefilled_tokens
   assert list(model.generate(second, 6)) == tokens and engine.prefilled_tokens - before == 1
+
+def test_short_prompt_rests_run_as_rows(tiny, model, monkeypatch):
+  """A prompt rest of at most ROW_PREFILL tokens runs as rows of batched steps, never as a padded prefill chunk; a longer
+  prompt takes chunks until its rest is that short. Either way the tokens are transformers'."""
+  hf, _ = tiny
+  chunks, prefill = [], model.runner.prefill
+  monkeypatch.setattr(model.runner, "prefill", lambda slot, tokens, start: chunks.append(len(tokens)) or prefill(slot, tokens, start))
+  long, short = [2] + [310, 311] * 35, [3, 140, 141, 142, 143, 144, 145, 146, 147, 148, 149]  # 71 and 11 tokens: new prefixes
+  for prompt in (long, short):
+    assert list(model.generate(prompt, 5)) == reference_greedy(hf, prompt, 5)
+  assert chunks == [64]  # the long prompt's first 64 tokens; its last 7 and all of the short one went as rows
+  assert len(long) > ROW_PREFILL >= len(short)  # the premise: one prompt chunked, one not
 
 def test_logprobs_are_transformers(tiny, model):
   hf, _ = tiny

@@ -9,11 +9,12 @@ from tiny_models import PROMPT, hf_model, write_hf
 def test_no_new_kernels_after_warm_up(tmp_path):
   model = tg_llama.load(write_hf(hf_model("gqa_tied"), tmp_path / "hf"), max_context=128)
   sampling = SamplingParams(temperature=0.8, top_p=0.9, seed=0)
-  for _ in range(2):  # warm-up: run, then capture, every graph
-    list(model.generate(PROMPT, 4))
-    list(model.generate(PROMPT, 4, sampling))
+  for run in range(2):  # warm-up: run, then capture, every graph: a prefill chunk, steps of 1, 2, 4 and 8 rows, both heads
+    for n in (1, 2, 3, 7, 70):  # prompts of new prefixes: 70 tokens are a chunk and 6 rows
+      list(model.generate([100 * run + n + i for i in range(n)], 4))
+      list(model.generate([100 * run + n + 50 + i for i in range(n)], 4, sampling))
   kernels, decode = len(to_program_cache), model.runner.decode_jits[1].captured
-  prompt = PROMPT + [5] * 70  # a longer prompt: two prefill chunks, then decode far past the warm-up's positions
+  prompt = PROMPT + [5] * 70  # a longer prompt: a prefill chunk and rows, then decode far past the warm-up's positions
   greedy = list(model.generate(prompt, 40))
   sampled = list(model.generate(PROMPT[:3], 60, sampling))
   assert len(greedy) == 40 and len(sampled) == 60

@@ -13,7 +13,7 @@ another user's or writable by group or others. Then nothing is cached: kernels g
 
 Not here: spreading one model over several devices (see load_shard), choosing kernels (BEAM is tinygrad's knob)."""
 from __future__ import annotations
-import ctypes, functools, os, pathlib, warnings
+import contextlib, ctypes, functools, os, pathlib, sqlite3, threading, warnings
 from dataclasses import dataclass
 from tinygrad import Device, dtypes
 from tinygrad.dtype import DType
@@ -97,6 +97,19 @@ def available_backends() -> list[str]:
   """Our names of the backends whose device opens here (each probe opens the device: about a second for all)."""
   return [name for name in known_backends() if _probe(BACKENDS[name]) is None]
 
+_db = threading.local()
+
+def thread_db_connection() -> sqlite3.Connection:
+  """tinygrad's db_connection with a connection per thread (sqlite objects belong to the thread that made them, and the
+  engine's loop thread compiles as well as the main thread) to the current CACHEDB; opened as tinygrad opens its own."""
+  if getattr(_db, "path", None) != tg_helpers.CACHEDB:
+    if getattr(_db, "conn", None) is not None: _db.conn.close()
+    os.makedirs(os.path.dirname(tg_helpers.CACHEDB), exist_ok=True)
+    _db.conn, _db.path = sqlite3.connect(tg_helpers.CACHEDB, timeout=60, isolation_level="IMMEDIATE"), tg_helpers.CACHEDB
+    with contextlib.suppress(sqlite3.OperationalError): _db.conn.execute("PRAGMA journal_mode=WAL").fetchone()
+    _db.conn.execute("PRAGMA synchronous=NORMAL")
+  return _db.conn
+
 def configure_cache(folder: pathlib.Path | None) -> pathlib.Path:
   """Point tinygrad's compiled-kernel cache at `folder`/cache.db, before anything compiles for the backend; with no
   folder, at a private temporary one that lives as long as the process (so no other user's kernels are ever read).
@@ -104,6 +117,7 @@ def configure_cache(folder: pathlib.Path | None) -> pathlib.Path:
   tinygrad reads CACHEDB from the environment once, at import, and compiles in worker processes that it spawns
   (they import tinygrad afresh): so the module value, the open connection and the environment all change here,
   and workers started with the old path are stopped, to be respawned on the next compile."""
+  tg_helpers.db_connection = thread_db_connection
   db = str((folder or private_dir.temp_folder("kernels")) / "cache.db")
   if tg_helpers.CACHEDB == db and os.environ.get("CACHEDB") == db: return pathlib.Path(db)
   os.environ["CACHEDB"] = tg_helpers.CACHEDB = db

@@ -3,8 +3,14 @@
 Starts `tg-llama serve` on a free port of 127.0.0.1 (slots = the largest concurrency), then at each concurrency C runs
 `rounds` x C streaming completions with C in flight at a time, through the official async `openai` client. Each request
 asks for `gen_tokens` tokens after a prompt of about `prompt_tokens` tokens (distinct per request, so no prefix is
-reused). Reported per concurrency: aggregate generated tokens/s (all streams' tokens over the wall time), tokens/s per
-stream, time to first token and time between tokens (p50, p95 over every request and every gap).
+reused). Reported per concurrency:
+  aggregate   generated tokens/s of all streams over the wall time (prefills included)
+  decode      streams x tokens/s of one stream between its tokens (C / median time between tokens): the batched decode
+              step's rate, which the prefills of joining requests interrupt (their stalls show in the p95 gap)
+  per stream  the median stream's tokens/s over its gaps, time to first token and time between tokens (p50, p95 over
+              every request and every gap)
+Then the next turn of a chat: time to first token of a conversation's second message (history plus a new message, whose
+history the server still holds), next to the same new message sent alone; the median of 3 conversations.
 
 Not here: the single-stream kernels' speed (`tg-llama bench` without --concurrency), sampling other than greedy."""
 from __future__ import annotations
@@ -53,9 +59,35 @@ async def at_concurrency(client, model_id: str, c: int, rounds: int, prompt_word
   wall = time.perf_counter() - start
   tokens, gaps, ttfts = sum(r["tokens"] for r in results), [g for r in results for g in r["gaps"]], [r["ttft"] for r in results]
   return {"concurrency": c, "requests": len(results), "tokens": tokens, "wall_s": wall, "aggregate_tok_s": tokens / wall,
+          "decode_tok_s": c / percentile(gaps, 50) if gaps else float("nan"),
           "per_stream_tok_s": statistics.median(len(r["gaps"]) / sum(r["gaps"]) for r in results if r["gaps"]),
           "ttft_p50_s": percentile(ttfts, 50), "ttft_p95_s": percentile(ttfts, 95),
           "tbt_p50_ms": 1e3 * percentile(gaps, 50), "tbt_p95_ms": 1e3 * percentile(gaps, 95)}
+
+async def first_token(client, model_id: str, messages: list[dict], max_tokens: int) -> tuple[float, str, int]:
+  """Time to the first streamed token of a chat completion, its whole text, and its prompt tokens."""
+  start, ttft, text, prompt_tokens = time.perf_counter(), float("nan"), [], 0
+  stream = await client.chat.completions.create(model=model_id, messages=messages, max_tokens=max_tokens, temperature=0, stream=True,
+                                                stream_options={"include_usage": True})
+  async for chunk in stream:
+    if chunk.choices and chunk.choices[0].delta.content:
+      if not text: ttft = time.perf_counter() - start
+      text.append(chunk.choices[0].delta.content)
+    if chunk.usage is not None: prompt_tokens = chunk.usage.prompt_tokens
+  return ttft, "".join(text), prompt_tokens
+
+async def chat_turns(client, model_id: str, prompt_words: int, gen_tokens: int) -> dict:
+  history, alone, tokens = [], [], []
+  for i in range(3):
+    first = [{"role": "user", "content": f"Conversation {i}. " + " ".join(["words"] * prompt_words)}]
+    _, reply, _ = await first_token(client, model_id, first, gen_tokens)
+    new = {"role": "user", "content": f"Thanks! Now say it again in short, number {i}."}
+    ttft, _, n = await first_token(client, model_id, [*first, {"role": "assistant", "content": reply}, new], 4)
+    history.append(ttft)
+    tokens.append(n)
+    alone.append((await first_token(client, model_id, [new], 4))[0])
+  h, a = statistics.median(history), statistics.median(alone)
+  return {"history_tokens": statistics.median(tokens), "ttft_history_s": h, "ttft_alone_s": a, "ratio": h / a}
 
 def run(args, levels: list[int]) -> dict:
   try: import openai
@@ -71,23 +103,28 @@ def run(args, levels: list[int]) -> dict:
       await at_concurrency(client, model_id, max(levels), 1, args.prompt_tokens, 2 * max(levels), 10**6)
       out = []
       for i, c in enumerate(levels): out.append(await at_concurrency(client, model_id, c, args.rounds, args.prompt_tokens, args.gen_tokens, 1000 * i))
-      return model_id, out
-    model_id, levels_out = asyncio.run(main())
+      return model_id, out, await chat_turns(client, model_id, args.prompt_tokens, args.gen_tokens)
+    model_id, levels_out, turns = asyncio.run(main())
   finally:
     proc.terminate()
     proc.wait(timeout=60)
-  return {"model": model_id, "prompt_words": args.prompt_tokens, "gen_tokens": args.gen_tokens, "rounds": args.rounds, "levels": levels_out}
+  return {"model": model_id, "prompt_words": args.prompt_tokens, "gen_tokens": args.gen_tokens, "rounds": args.rounds, "levels": levels_out,
+          "chat_turns": turns}
 
 def table(result: dict) -> str:
-  rows = [("concurrency", "aggregate tok/s", "x one stream", "per-stream tok/s", "ttft p50 s", "ttft p95 s", "tbt p50 ms", "tbt p95 ms")]
-  base = result["levels"][0]["aggregate_tok_s"]
+  rows = [("concurrency", "aggregate tok/s", "x one", "decode tok/s", "x one", "per-stream tok/s", "ttft p50 s", "ttft p95 s", "tbt p50 ms", "tbt p95 ms")]
+  base = result["levels"][0]
   for r in result["levels"]:
-    rows.append((str(r["concurrency"]), f"{r['aggregate_tok_s']:.1f}", f"{r['aggregate_tok_s'] / base:.2f}", f"{r['per_stream_tok_s']:.1f}",
+    rows.append((str(r["concurrency"]), f"{r['aggregate_tok_s']:.1f}", f"{r['aggregate_tok_s'] / base['aggregate_tok_s']:.2f}",
+                 f"{r['decode_tok_s']:.1f}", f"{r['decode_tok_s'] / base['decode_tok_s']:.2f}", f"{r['per_stream_tok_s']:.1f}",
                  f"{r['ttft_p50_s']:.2f}", f"{r['ttft_p95_s']:.2f}", f"{r['tbt_p50_ms']:.1f}", f"{r['tbt_p95_ms']:.1f}"))
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
   head = (f"{result['model']} through `tg-llama serve`: {result['rounds']} x C streaming completions at each concurrency C, "
           f"~{result['prompt_words']}-word prompts, up to {result['gen_tokens']} tokens each, greedy")
-  return "\n".join([head, *("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows)])
+  t = result["chat_turns"]
+  turns = (f"next chat turn: time to first token {t['ttft_history_s']:.2f} s with {t['history_tokens']:.0f} prompt tokens of history "
+           f"held by the server, {t['ttft_alone_s']:.2f} s for the new message alone ({t['ratio']:.2f}x)")
+  return "\n".join([head, *("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows), turns])
 
 def main(args, levels: list[int]) -> int:
   result = run(args, levels)

@@ -176,10 +176,12 @@ class Sampler:
     """Draws the next tokens (B, 1) int32 from logits (B, V), row b for the sequence in slots[b] (default: row b's
     own slot), marks them seen and advances that slot's rng. Realizes, so call it last in the step: under a TinyJit,
     the state updates must run inside the captured graph, not after it. No two rows may name the same slot: both would
-    read the state before either writes it back, in no set order."""
+    read the state before either writes it back, in no set order (unless the slot is a scratch one whose state means
+    nothing: tg_llama/engine/runner.py points rows that sample for no sequence at one)."""
     B = logits.shape[0]
-    if B > self.slots or logits.shape[1] != self.vocab or (slots is not None and len(slots) != B):
-      raise InvalidArgumentError(f"logits must be (rows, {self.vocab}) for at most {self.slots} slots, but are {logits.shape}")
+    if (slots is None and B > self.slots) or logits.shape[1] != self.vocab or (slots is not None and len(slots) != B):
+      raise InvalidArgumentError(f"logits must be (rows, {self.vocab}) with a slot per row (at most {self.slots} rows without slots), "
+                                 f"but are {logits.shape} for {'no' if slots is None else len(slots)} slots")
     # rows 0..B-1 being slots 0..B-1, the state is read and written in one piece; else a row at a time
     views = (lambda t: [t[0:B]]) if slots is None else (lambda t: [t[s:s+1] for s in slots])
     rows = lambda t: Tensor.cat(*v) if len(v := views(t)) > 1 else v[0]

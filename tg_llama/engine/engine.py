@@ -1,9 +1,11 @@
 """The engine: requests in, tokens out, many sequences at once (continuous batching).
 
 Each request is a sequence with an explicit state: waiting (no slot yet), prefilling (its prompt goes into its slot a
-chunk at a time), generating, or finished. Every step rebuilds the batch from the sequences: one chunk of one
-prompt, then one batched decode step for every generating sequence; a request joins and leaves between steps. A new
-request takes the free slot that holds the longest prefix of its prompt, and prefills only the rest.
+chunk at a time), generating, or finished. Every step rebuilds the batch from the sequences: one chunk of one long
+prompt, then one batched step of rows: a row for every generating sequence, and up to a bucket of rows of prompts whose
+rest is short (a chat's next turn, a chunk's remainder), so that they cost their own tokens, not a padded chunk. A
+request joins and leaves between steps. A new request takes the free slot that holds the longest prefix of its prompt,
+and prefills only the rest.
 
 Requests come from any thread (`submit`); the model runs in one thread only: a loop thread (`start`, for a server),
 or the thread that iterates a handle when there is no loop (the Python API, the terminal chat). Results go back a
@@ -16,7 +18,6 @@ import itertools, queue, threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 import numpy as np
-import tinygrad.helpers as tg_helpers
 from tg_llama.engine.kv_cache import Slot
 from tg_llama.engine.runner import ModelRunner
 from tg_llama.errors import ContextLengthError, EngineBusyError, InvalidArgumentError, TgLlamaError
@@ -82,6 +83,8 @@ class Handle:
         if out.finish_reason is not None: return
     finally: self.cancel()  # a consumer that stops early (or Ctrl-C) frees the slot; nothing if it finished
 
+ROW_PREFILL = 32  # a prompt rest of at most this many tokens runs as rows of steps (8 a step), a longer one in chunks
+
 class Engine:
   def __init__(self, runner: ModelRunner, max_waiting: int = 64):
     self.runner, self.max_waiting = runner, max_waiting
@@ -123,7 +126,7 @@ class Engine:
   # *** one step ***
 
   def step(self) -> bool:
-    """Admit what fits, run one prefill chunk and one decode step; whether there was anything to do."""
+    """Admit what fits, run a prefill chunk and one batched step of rows; whether there was anything to do."""
     with self._lock:
       for seq in [s for s in self.waiting if s.cancelled]: self._finish(seq, Output(None, "cancelled"))
       for seq in [s for s in self.running if s.cancelled]: self._finish(seq, Output(None, "cancelled"))
@@ -132,57 +135,78 @@ class Engine:
         seq.slot, seq.prefilled = got
         seq.cached = seq.prefilled
         self.running.append(seq)
-      prefilling = next((s for s in self.running if s.prefilled < len(s.request.prompt)), None)
+      prefilling = [s for s in self.running if s.prefilled < len(s.request.prompt)]
       generating = [s for s in self.running if s.prefilled == len(s.request.prompt) and s.generated]
-    if prefilling is None and not generating: return False
+    if not prefilling and not generating: return False
+    chunked = next((s for s in prefilling if len(s.request.prompt) - s.prefilled > ROW_PREFILL), None)
     try:
       if self.graphs is not None: self.graphs.load()  # once, at the first step: a model changed after load finds its own
-      if prefilling is not None: self._prefill(prefilling)
-      for i in range(0, len(generating), self.runner.buckets[-1]): self._decode(generating[i:i + self.runner.buckets[-1]])
+      if chunked is not None: self._prefill(chunked)
+      # a row per generating sequence, then the tokens of short prompt rests, up to a bucket of them a step
+      rows, cap = [(s, None) for s in generating], self.runner.buckets[-1]
+      for seq in prefilling:
+        rest = len(seq.request.prompt) - seq.prefilled
+        if 0 < rest <= ROW_PREFILL and not seq.done:
+          take = min(rest, cap + len(generating) - len(rows))
+          rows += [(seq, seq.prefilled + i) for i in range(take)]
+      for i in range(0, len(rows), cap): self._step(rows[i:i + cap])
       if self.graphs is not None: self.graphs.save_new()  # writes only when a graph was captured that the file lacks
     except Exception as e:  # the model failed: every sequence it was running fails with it, the engine goes on
       error = e if isinstance(e, TgLlamaError) else TgLlamaError(f"the model failed: {type(e).__name__}: {e}")
       with self._lock:
-        for seq in [s for s in (prefilling, *generating) if s is not None and not s.done]: self._finish(seq, Output(None, "error", error=error))
+        for seq in [s for s in (*prefilling, *generating) if not s.done]: self._finish(seq, Output(None, "error", error=error))
     return True
 
   def _prefill(self, seq: Sequence):
+    """Chunks of the prompt: one between steps when others run, else every chunk until the rest is short enough for rows."""
     prompt, slot, chunk = seq.request.prompt, seq.slot, self.runner.prefill_chunk
-    # the whole rest of the prompt when nothing else waits for a step, else one chunk between decode steps
-    end = len(prompt) if len(self.running) == 1 else min(len(prompt), seq.prefilled + chunk)
-    logits = self.runner.prefill(slot.index, prompt[seq.prefilled:end], seq.prefilled)
-    self.prefilled_tokens += end - seq.prefilled
-    slot.tokens = list(prompt[:end])
-    seq.prefilled = end
-    if end < len(prompt): return
-    self.runner.sampler.reset([seq.request.sampling], [prompt], [slot.index])
-    if seq.request.logits: seq.notify(Output(None, None, logits=logits.numpy()[0]))
-    if seq.request.max_tokens == 0:
-      with self._lock: self._finish(seq, Output(None, "length"))
-      return
-    self._emit([seq], logits)
+    while True:
+      end = min(len(prompt), seq.prefilled + chunk)
+      logits = self.runner.prefill(slot.index, prompt[seq.prefilled:end], seq.prefilled)
+      self.prefilled_tokens += end - seq.prefilled
+      slot.tokens = list(prompt[:end])
+      seq.prefilled = end
+      if end == len(prompt): return self._emit([(seq, 0)], logits)
+      if len(self.running) > 1 or len(prompt) - end <= ROW_PREFILL: return
 
-  def _decode(self, seqs: list[Sequence]):
-    rows = [(s.slot.index, len(s.slot.tokens), s.generated[-1]) for s in seqs]
-    logits = self.runner.decode(rows)
-    for s in seqs: s.slot.tokens.append(s.generated[-1])
-    self._emit(seqs, logits)
+  def _step(self, rows: list[tuple[Sequence, int | None]]):
+    """One batched step: each row is a generating sequence's last token (None) or the prompt token at that index."""
+    batch = [(s.slot.index, len(s.slot.tokens), s.generated[-1]) if i is None else (s.slot.index, i, s.request.prompt[i]) for s, i in rows]
+    logits = self.runner.decode(batch)
+    emitting = []
+    for r, ((seq, i), (_, _, token)) in enumerate(zip(rows, batch)):
+      seq.slot.tokens.append(token)
+      if i is None: emitting.append((seq, r))
+      else:
+        seq.prefilled += 1
+        self.prefilled_tokens += 1
+        if seq.prefilled == len(seq.request.prompt): emitting.append((seq, r))  # the prompt's last token: its first output
+    self._emit(emitting, logits)
 
-  def _emit(self, seqs: list[Sequence], logits):
-    greedy = all(s.request.sampling.is_greedy for s in seqs)
-    tokens = self.runner.sample(logits, [s.slot.index for s in seqs], greedy)
-    wants = [s.request.logprobs is not None for s in seqs]
-    logp = _log_softmax(logits.numpy()[:len(seqs)]) if any(wants) else None
+  def _emit(self, rows: list[tuple[Sequence, int]], logits):
+    """The next token of each sequence from its row of `logits`; a sequence whose prompt just ended starts its sampling."""
+    if not rows: return
+    starting = [s for s, _ in rows if not s.generated]
+    if starting: self.runner.sampler.reset([s.request.sampling for s in starting], [s.request.prompt for s in starting], [s.slot.index for s in starting])
+    host = logits.numpy() if any(s.request.logits or s.request.logprobs is not None for s, _ in rows) else None
     with self._lock:
-      for i, (seq, token) in enumerate(zip(seqs, tokens.tolist())):
+      for seq, r in rows:
+        if seq in starting and seq.request.logits: seq.notify(Output(None, None, logits=host[r]))
+        if seq in starting and seq.request.max_tokens == 0 and not seq.done: self._finish(seq, Output(None, "length"))
+    if not (live := [(s, r) for s, r in rows if not s.done]): return
+    slots: list[int | None] = [None] * logits.shape[0]
+    for seq, r in live: slots[r] = seq.slot.index
+    tokens = self.runner.sample(logits, slots, all(s.request.sampling.is_greedy for s, _ in live))
+    with self._lock:
+      for seq, r in live:
         if seq.done: continue
+        token = int(tokens[r])
         seq.generated.append(token)
         reason = "stop" if token in seq.request.stop_ids else "length" if len(seq.generated) >= seq.request.max_tokens else None
-        lp, top = (None, ())
-        if wants[i]:
-          row, k = logp[i], seq.request.logprobs
-          best = np.argsort(-row, kind="stable")[:k] if k else []
-          lp, top = float(row[token]), tuple((int(t), float(row[t])) for t in best)
+        lp, top = None, ()
+        if (k := seq.request.logprobs) is not None:
+          row = _log_softmax(host[r])
+          lp, top = float(row[token]), tuple((int(t), float(row[t])) for t in np.argsort(-row, kind="stable")[:k])
         out = Output(token, reason, lp, top)
         if reason is None: seq.notify(out)
         else: self._finish(seq, out)
@@ -205,9 +229,6 @@ class Engine:
     return self
 
   def _loop(self):
-    # tinygrad's kernel cache holds one sqlite connection, usable only in the thread that opened it; from now on the model
-    # runs (and compiles) in this thread only, so it opens its own
-    tg_helpers._db_connection = None
     while True:
       with self._lock:
         while not (self.waiting or self.running or self._closing): self._lock.wait()

@@ -1,14 +1,17 @@
 """The model runner: a whole model on one backend, its KV cache of S slots, and the captured graphs that run it.
 
 Graphs (TinyJit, replayed from C on the CPU by tg_llama/cpu_graph.py): one prefill of a fixed-size chunk of one
-sequence, and per batch bucket (1, 2, 4, ... up to S rows) one decode step and its greedy and sampling heads. Each
-row's cache slot and position are symbolic variables bound per call, so one graph serves every position and every
-assignment of sequences to slots. Prefill runs in chunks of `prefill_chunk` tokens, the last one padded: fixed shapes
-compile to kernels about 3x faster than a symbolic chunk length on the CPU, and the padding's keys and values land in
-slack positions past the context (or are overwritten later) where no real query ever looks. A batch smaller than its
-bucket is padded with copies of its first row: they write the same keys and values to the same place and draw the
-same logits, and their outputs are dropped. Sampling reads and advances per-sequence state, so there the padding rows
-use a scratch row of the sampler's instead (two rows updating one sequence's state would advance it twice).
+sequence, and per batch bucket (1, 2, 4, 8, ... up to max(S, 8) rows) one step of one token per row and its greedy and
+sampling heads. A row is a (slot, position, token): the next token of a generating sequence, or one token of a prompt's
+short rest (several rows of one slot at consecutive positions: every row's keys and values are written before any row
+attends). Each row's cache slot and position are symbolic variables bound per call, so one graph serves every position
+and every assignment of sequences to slots. Prefill runs in chunks of `prefill_chunk` tokens, the last one padded:
+fixed shapes compile to kernels about 3x faster than a symbolic chunk length on the CPU, and the padding's keys and
+values land in slack positions past the context (or are overwritten later) where no real query ever looks. A batch
+smaller than its bucket is padded with copies of its first row: they write the same keys and values to the same place
+and draw the same logits, and their outputs are dropped. Sampling reads and advances per-sequence state, so there the
+rows that sample for no sequence (padding, a prompt's inner tokens) use a scratch row of the sampler's instead (two
+rows updating one sequence's state would advance it twice).
 
 Not here: which sequences run when (tg_llama/engine/engine.py), speculative decoding."""
 from __future__ import annotations
@@ -22,9 +25,11 @@ from tg_llama.model import Llama
 from tg_llama.parallel import place_input, shard_model
 from tg_llama.sampling import Sampler
 
-def buckets(slots: int) -> tuple[int, ...]:
-  """Batch sizes with a decode graph each: powers of two below `slots`, and `slots`."""
-  return tuple(sorted({*(1 << i for i in range(slots.bit_length()) if 1 << i < slots), slots}))
+MIN_ROWS = 8  # rows a step can take even with fewer slots: a short prompt rest runs 8 tokens a step, not a padded chunk
+
+def buckets(rows: int) -> tuple[int, ...]:
+  """Batch sizes with a decode graph each: powers of two below `rows`, and `rows`."""
+  return tuple(sorted({*(1 << i for i in range(rows.bit_length()) if 1 << i < rows), rows}))
 
 class ModelRunner:
   def __init__(self, llama: Llama, device: str, dtype: DType, max_context: int, slots: int = 1, prefill_chunk: int = 64,
@@ -39,7 +44,7 @@ class ModelRunner:
       shard_model(llama, devices)
       self.cache.shard(devices)
     self.sampler = Sampler(slots + 1, llama.config.vocab_size, device)  # the last row: scratch for a bucket's padding
-    self.buckets = buckets(slots)
+    self.buckets = buckets(max(slots, MIN_ROWS))
     pos = lambda name: UOp.variable(name, 0, max_context - 1)
     slot = lambda name: UOp.variable(name, 0, slots - 1)
     self.v_prefill = (slot("slot"), pos("start_pos"), UOp.variable("last_index", 0, self.prefill_chunk - 1))
@@ -96,10 +101,11 @@ class ModelRunner:
     args = [v.bind(x) for (vs, vp), (s, p, _) in zip(self.v_rows[b], rows) for v, x in ((vs, s), (vp, p))]
     return self.decode_jits[b](tokens, *args)
 
-  def sample(self, logits: Tensor, slots: Sequence[int], greedy_only: bool) -> np.ndarray:
-    """Token ids (n,) for the first n = len(slots) rows of `logits` (a bucket's rows), row i for the sequence in slots[i]."""
+  def sample(self, logits: Tensor, slots: Sequence[int | None], greedy_only: bool) -> np.ndarray:
+    """Token ids (n,) for the first n = len(slots) rows of `logits` (a bucket's rows): row i samples for the sequence in
+    slots[i], or for none when None (its token is meaningless)."""
     b = logits.shape[0]
-    rows = list(slots) + [self.slots] * (b - len(slots))
+    rows = [self.slots if s is None else s for s in slots] + [self.slots] * (b - len(slots))
     if greedy_only: tok = self.greedy_jits[b](logits)
     else: tok = self.sample_jits[b](logits, *[v.bind(s) for v, s in zip(self.v_sample[b], rows)])
     return tok.numpy()[:len(slots), 0]
