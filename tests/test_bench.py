@@ -45,3 +45,14 @@ def test_quantize_flag(tiny, capsys):
 def test_bad_arguments():
   with pytest.raises(SystemExit): main(["--gen-tokens", "1"])
   with pytest.raises(SystemExit): main(["--quantize", "int3"])
+
+def test_concurrency_through_the_server(capsys):
+  """--concurrency: streams through a `tg-llama serve` it starts (the default model), every level and the next chat turn
+  reported; the next turn reuses the history the server holds."""
+  pytest.importorskip("openai"), pytest.importorskip("uvicorn")
+  out = run_json(capsys, ["--concurrency", "1,2", "--prompt-tokens", "8", "--gen-tokens", "4", "--rounds", "1"])
+  levels = out["levels"]
+  assert [(l["concurrency"], l["requests"]) for l in levels] == [(1, 1), (2, 2)]
+  assert all(0 < l["tokens"] <= 4 * l["requests"] and l["aggregate_tok_s"] > 0 and l["decode_tok_s"] > 0 and l["ttft_p50_s"] > 0 for l in levels)
+  turns = out["chat_turns"]
+  assert 0 < turns["reused_tokens"] < turns["history_tokens"] and turns["ttft_history_s"] > 0 and turns["ttft_alone_s"] > 0

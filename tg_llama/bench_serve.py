@@ -64,43 +64,46 @@ async def at_concurrency(client, model_id: str, c: int, rounds: int, prompt_word
           "ttft_p50_s": percentile(ttfts, 50), "ttft_p95_s": percentile(ttfts, 95),
           "tbt_p50_ms": 1e3 * percentile(gaps, 50), "tbt_p95_ms": 1e3 * percentile(gaps, 95)}
 
-async def first_token(client, model_id: str, messages: list[dict], max_tokens: int) -> tuple[float, str, int]:
-  """Time to the first streamed token of a chat completion, its whole text, and its prompt tokens."""
-  start, ttft, text, prompt_tokens = time.perf_counter(), float("nan"), [], 0
+async def first_token(client, model_id: str, messages: list[dict], max_tokens: int) -> tuple[float, str, int, int]:
+  """Time to the first streamed token of a chat completion, its whole text, its prompt tokens and how many were reused."""
+  start, ttft, text, prompt_tokens, cached = time.perf_counter(), float("nan"), [], 0, 0
   stream = await client.chat.completions.create(model=model_id, messages=messages, max_tokens=max_tokens, temperature=0, stream=True,
                                                 stream_options={"include_usage": True})
   async for chunk in stream:
     if chunk.choices and chunk.choices[0].delta.content:
       if not text: ttft = time.perf_counter() - start
       text.append(chunk.choices[0].delta.content)
-    if chunk.usage is not None: prompt_tokens = chunk.usage.prompt_tokens
-  return ttft, "".join(text), prompt_tokens
+    if chunk.usage is not None:
+      prompt_tokens, details = chunk.usage.prompt_tokens, chunk.usage.prompt_tokens_details
+      cached = details.cached_tokens if details is not None and details.cached_tokens else 0
+  return ttft, "".join(text), prompt_tokens, cached
 
 async def chat_turns(client, model_id: str, prompt_words: int, gen_tokens: int) -> dict:
-  history, alone, tokens = [], [], []
+  history, alone, tokens, reused = [], [], [], []
   for i in range(3):
     first = [{"role": "user", "content": f"Conversation {i}. " + " ".join(["words"] * prompt_words)}]
-    _, reply, _ = await first_token(client, model_id, first, gen_tokens)
+    _, reply, _, _ = await first_token(client, model_id, first, gen_tokens)
     new = {"role": "user", "content": f"Thanks! Now say it again in short, number {i}."}
-    ttft, _, n = await first_token(client, model_id, [*first, {"role": "assistant", "content": reply}, new], 4)
+    ttft, _, n, cached = await first_token(client, model_id, [*first, {"role": "assistant", "content": reply}, new], 4)
     history.append(ttft)
     tokens.append(n)
+    reused.append(cached)
     alone.append((await first_token(client, model_id, [new], 4))[0])
   h, a = statistics.median(history), statistics.median(alone)
-  return {"history_tokens": statistics.median(tokens), "ttft_history_s": h, "ttft_alone_s": a, "ratio": h / a}
+  return {"history_tokens": statistics.median(tokens), "reused_tokens": statistics.median(reused), "ttft_history_s": h, "ttft_alone_s": a, "ratio": h / a}
 
 def run(args, levels: list[int]) -> dict:
   try: import openai
   except ImportError: raise SystemExit("error: --concurrency talks to the server through the openai client: pip install 'tg-llama[serve]' openai")
-  context = args.prompt_tokens + args.gen_tokens + 64
+  context = args.prompt_tokens + args.gen_tokens + 128  # and room for the chat template around the next-turn test
   proc, url = start_server(args, max(levels), context)
   try:
     async def main():
       client = openai.AsyncOpenAI(base_url=f"{url}/v1", api_key=os.environ.get("TG_LLAMA_API_KEY", "none"), timeout=600)
       model_id = (await client.models.list()).data[0].id
-      # warm-up: requests joining one after another at the highest concurrency run every batch size's graphs once, so no
-      # graph is captured (or compiled) inside a timed run
-      await at_concurrency(client, model_id, max(levels), 1, args.prompt_tokens, 2 * max(levels), 10**6)
+      # warm-up: requests joining one after another at the highest concurrency run every batch size's graphs, twice (run,
+      # then captured), so no graph is captured (or compiled) inside a timed run
+      await at_concurrency(client, model_id, max(levels), 2, args.prompt_tokens, 2 * max(levels), 10**6)
       out = []
       for i, c in enumerate(levels): out.append(await at_concurrency(client, model_id, c, args.rounds, args.prompt_tokens, args.gen_tokens, 1000 * i))
       return model_id, out, await chat_turns(client, model_id, args.prompt_tokens, args.gen_tokens)
@@ -122,8 +125,8 @@ def table(result: dict) -> str:
   head = (f"{result['model']} through `tg-llama serve`: {result['rounds']} x C streaming completions at each concurrency C, "
           f"~{result['prompt_words']}-word prompts, up to {result['gen_tokens']} tokens each, greedy")
   t = result["chat_turns"]
-  turns = (f"next chat turn: time to first token {t['ttft_history_s']:.2f} s with {t['history_tokens']:.0f} prompt tokens of history "
-           f"held by the server, {t['ttft_alone_s']:.2f} s for the new message alone ({t['ratio']:.2f}x)")
+  turns = (f"next chat turn: time to first token {t['ttft_history_s']:.2f} s for {t['history_tokens']:.0f} prompt tokens, "
+           f"{t['reused_tokens']:.0f} of them reused from the slot; {t['ttft_alone_s']:.2f} s for the new message alone ({t['ratio']:.2f}x)")
   return "\n".join([head, *("  ".join(c.rjust(w) for c, w in zip(r, widths)) for r in rows), turns])
 
 def main(args, levels: list[int]) -> int:
