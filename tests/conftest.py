@@ -1,4 +1,4 @@
-import os, pathlib
+import contextlib, os, pathlib, socket, threading, time
 import pytest
 
 os.environ.setdefault("DEV", "CPU")
@@ -31,3 +31,24 @@ def restore_backend_state():
   for var, value in saved_env.items():
     if value is None: os.environ.pop(var, None)
     else: os.environ[var] = value
+
+def free_port() -> int:
+  with socket.socket() as s:
+    s.bind(("127.0.0.1", 0))
+    return s.getsockname()[1]
+
+@contextlib.contextmanager
+def serving(app):
+  """uvicorn serving `app` in a thread of this process on a free port of 127.0.0.1; yields its base URL."""
+  import uvicorn
+  server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=free_port(), log_level="warning"))
+  thread = threading.Thread(target=server.run, daemon=True)
+  thread.start()
+  deadline = time.monotonic() + 30
+  while not server.started:
+    assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+    time.sleep(0.05)
+  try: yield f"http://127.0.0.1:{server.config.port}"
+  finally:
+    server.should_exit = True
+    thread.join(30)

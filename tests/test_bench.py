@@ -3,7 +3,7 @@ speeds on a shared machine say nothing about correctness)."""
 import importlib.util, json
 import pytest
 import tg_llama
-from tg_llama.bench import main
+from tg_llama.bench import main, table
 from tiny_models import hf_model, write_hf
 
 FAST = ["--prompt-tokens", "8", "--gen-tokens", "3", "--runs", "1"]
@@ -31,6 +31,11 @@ def test_json_fields(tiny, capsys):
   assert FIELDS <= set(peers["transformers"])
   if importlib.util.find_spec("llama_cpp") is None: assert "pip install llama-cpp-python" in peers["llama.cpp"]["skipped"]
   else: assert "directory" in peers["llama.cpp"]["skipped"]  # llama.cpp runs GGUF files only
+
+def test_constrained_decode_on_the_default_model(capsys):
+  out = run_json(capsys, FAST)  # the bundled model: the JSON schema's grammar needs its tokenizer
+  assert out["ours"]["constrained_decode_tok_s"] > 0 and out["ours"]["matcher_us_per_token"] > 0
+  assert "under a JSON schema" in table(out)
 
 def test_table(tiny, capsys):
   assert main(["--model", str(tiny), *FAST]) == 0

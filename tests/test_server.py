@@ -1,6 +1,6 @@
 """The OpenAI-compatible server, for real: uvicorn in a thread of this process on a free port of 127.0.0.1, the default
 model (SmolLM2-135M-Instruct) behind it, the official `openai` client (and httpx for what it cannot send) in front."""
-import asyncio, json, shutil, socket, threading, time
+import asyncio, json, shutil, time
 import httpx, numpy as np, pytest
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -9,14 +9,10 @@ from tg_llama.chat_template import encode_chat
 from tg_llama.cli import warm_up, warm_up_batches
 from tg_llama.engine.engine import Request
 from tg_llama.serve.app import create_app
+from conftest import serving
 
 MODEL_ID, SLOTS, CONTEXT = "smollm2-test", 2, 512
 QUESTION = [{"role": "user", "content": "What is the capital of France?"}]
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 class Served:
   def __init__(self, model, url): self.model, self.url, self.tok = model, url, model.tokenizer
@@ -30,16 +26,7 @@ def served(smollm2_gguf):
   model = tg_llama.load(smollm2_gguf, max_context=CONTEXT, slots=SLOTS)
   warm_up(model)
   warm_up_batches(model, SLOTS)
-  server = uvicorn.Server(uvicorn.Config(create_app(model, MODEL_ID), host="127.0.0.1", port=free_port(), log_level="warning"))
-  thread = threading.Thread(target=server.run, daemon=True)
-  thread.start()
-  deadline = time.monotonic() + 30
-  while not server.started:
-    assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
-    time.sleep(0.05)
-  yield Served(model, f"http://127.0.0.1:{server.config.port}")
-  server.should_exit = True
-  thread.join(30)
+  with serving(create_app(model, MODEL_ID)) as url: yield Served(model, url)
 
 def wait_idle(served, timeout=15.0) -> dict:
   deadline = time.monotonic() + timeout
@@ -161,8 +148,18 @@ def error_of(r, status, param=None, code=None) -> dict:
   ({"model": MODEL_ID, "messages": QUESTION, "top_logprobs": 2}, "top_logprobs"),
   ({"model": MODEL_ID, "messages": QUESTION, "n": 2}, "n"),
   ({"model": MODEL_ID, "messages": QUESTION, "logit_bias": {"50": 5}}, "logit_bias"),
-  ({"model": MODEL_ID, "messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}]}, "tools"),
-  ({"model": MODEL_ID, "messages": QUESTION, "response_format": {"type": "json_object"}}, "response_format"),
+  ({"model": MODEL_ID, "messages": QUESTION, "functions": [{"name": "f"}]}, "functions"),
+  ({"model": MODEL_ID, "messages": QUESTION, "tools": [{"type": "function", "function": {"name": "no spaces"}}]}, "tools[0].function.name"),
+  ({"model": MODEL_ID, "messages": QUESTION, "tools": [{"type": "function", "function": {"name": "f"}}],
+    "tool_choice": {"type": "function", "function": {"name": "g"}}}, "tool_choice"),
+  ({"model": MODEL_ID, "messages": QUESTION, "tool_choice": "required"}, "tool_choice"),
+  ({"model": MODEL_ID, "messages": QUESTION, "response_format": {"type": "yaml"}}, "response_format"),
+  ({"model": MODEL_ID, "messages": QUESTION, "response_format": {"type": "json_schema", "json_schema": {"name": "x", "schema": {"not": {}}}}},
+   "response_format"),
+  ({"model": MODEL_ID, "messages": QUESTION, "response_format": {"type": "json_object"}, "guided_regex": "a+"}, "guided_regex"),
+  ({"model": MODEL_ID, "messages": QUESTION, "guided_grammar": "start: undefined_rule"}, "guided_grammar"),
+  ({"model": MODEL_ID, "messages": [{"role": "assistant", "content": None, "tool_calls": [{"function": {"name": "f", "arguments": "{oops"}}]}]},
+   "messages[0].tool_calls"),
 ])
 def test_bad_chat_requests_are_400(served, body, param):
   err = error_of(post(served, "/v1/chat/completions", body), 400, param)

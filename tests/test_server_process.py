@@ -1,16 +1,11 @@
 """`tg-llama serve` as a process: the API key, and SIGTERM (open streams end with an error event, the process exits 0)."""
-import json, os, signal, socket, subprocess, sys, time
+import json, os, signal, subprocess, sys, time
 import httpx, pytest
 openai = pytest.importorskip("openai")
 pytest.importorskip("uvicorn")
-from conftest import REPO
+from conftest import REPO, free_port
 
 KEY = "sekrit-key"
-
-def free_port() -> int:
-  with socket.socket() as s:
-    s.bind(("127.0.0.1", 0))
-    return s.getsockname()[1]
 
 @pytest.fixture(scope="module")
 def server():

@@ -11,7 +11,8 @@ from tinygrad.dtype import DType
 from tg_llama.backend import Backend, resolve_backend
 from tg_llama.config import LlamaConfig
 from tg_llama.convert import Checkpoint, check_weights, open_checkpoint, release_file_pages
-from tg_llama.engine.engine import Engine, Request
+from tg_llama import constraint
+from tg_llama.engine.engine import Engine, Handle, Request
 from tg_llama.engine.kv_cache import KVCache
 from tg_llama.engine.runner import ModelRunner
 from tg_llama.jit_cache import GraphCache, graphs_enabled
@@ -81,36 +82,37 @@ class Model:
                 if out.logits is not None)
 
   def generate(self, token_ids: list[int], max_new_tokens: int = 32, sampling: SamplingParams | None = None,
-               stop_ids: frozenset[int] = frozenset()) -> Iterator[int]:
+               stop_ids: frozenset[int] = frozenset(), json_schema: dict | str | bool | None = None, grammar: str | None = None) -> Iterator[int]:
     """Yield up to max_new_tokens new token ids (greedy unless `sampling` says otherwise), using the KV cache;
-    a token in stop_ids is yielded and ends the generation."""
+    a token in stop_ids is yielded and ends the generation. With `json_schema` (a schema as a dict or JSON text; True
+    for any JSON object) or `grammar` (Lark, or llama.cpp's GBNF), only tokens that keep the output valid are drawn,
+    and the generation ends where the output is complete (tg_llama/constraint.py)."""
+    return (out.token for out in self._submit(token_ids, max_new_tokens, sampling, stop_ids, json_schema, grammar) if out.token is not None)
+
+  def stream(self, token_ids: list[int], max_new_tokens: int = 256, sampling: SamplingParams | None = None,
+             stop_ids: frozenset[int] | None = None, json_schema: dict | str | bool | None = None, grammar: str | None = None) -> Iterator[Chunk]:
+    """Yield text chunks as they are generated, never half a UTF-8 character; stops on the tokenizer's stop tokens, or
+    where a `json_schema` or `grammar` (as in generate) is complete."""
+    token_ids = _checked_ids(token_ids, self.config.vocab_size)  # before the tokenizer is read
+    stops = self.tokenizer.stop_ids if stop_ids is None else stop_ids
+    return self._chunks(self._submit(token_ids, max_new_tokens, sampling, stops, json_schema, grammar), stops)  # checked now, not at next()
+
+  def _submit(self, token_ids, max_new_tokens, sampling, stop_ids, json_schema, grammar) -> Handle:
     token_ids, sampling = _checked_ids(token_ids, self.config.vocab_size), sampling or SamplingParams()
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) or max_new_tokens < 0:
       raise InvalidArgumentError(f"max_new_tokens must be an int >= 0, but is {max_new_tokens!r}")
     if not isinstance(sampling, SamplingParams): raise InvalidArgumentError(f"sampling must be a SamplingParams, not {type(sampling).__name__}")
-    return self._tokens(self.engine.submit(Request(token_ids, max_new_tokens, sampling, frozenset(stop_ids))))
+    rule = None if json_schema is None and grammar is None else constraint.compile(self.tokenizer, json_schema=json_schema, grammar=grammar)
+    return self.engine.submit(Request(token_ids, max_new_tokens, sampling, frozenset(stop_ids), constraint=rule))
 
-  @staticmethod
-  def _tokens(handle) -> Iterator[int]:
-    for out in handle:
-      if out.token is not None: yield out.token
-
-  def stream(self, token_ids: list[int], max_new_tokens: int = 256, sampling: SamplingParams | None = None,
-             stop_ids: frozenset[int] | None = None) -> Iterator[Chunk]:
-    """Yield text chunks as they are generated, never half a UTF-8 character; stops on the tokenizer's stop tokens."""
-    token_ids = _checked_ids(token_ids, self.config.vocab_size)
-    stops = self.tokenizer.stop_ids if stop_ids is None else stop_ids
-    return self._chunks(self.generate(token_ids, max_new_tokens, sampling, stops), max_new_tokens, stops)  # checked now, not at next()
-
-  def _chunks(self, tokens: Iterator[int], max_new_tokens: int, stops: frozenset[int]) -> Iterator[Chunk]:
-    decoder, n = self.tokenizer.stream(), 0
-    for token in tokens:
-      n += 1
-      if token in stops:
-        yield Chunk(decoder.flush(), token, "stop")
+  def _chunks(self, outputs: Handle, stops: frozenset[int]) -> Iterator[Chunk]:
+    decoder = self.tokenizer.stream()
+    for out in outputs:
+      if out.token is None: continue
+      if out.token in stops:
+        yield Chunk(decoder.flush(), out.token, "stop")
         return
-      last = n == max_new_tokens
-      yield Chunk(decoder.add(token) + (decoder.flush() if last else ""), token, "length" if last else None)
+      yield Chunk(decoder.add(out.token) + (decoder.flush() if out.finish_reason else ""), out.token, out.finish_reason)
 
 def _checked_ids(token_ids, vocab_size: int) -> list[int]:
   ids = list(token_ids)
@@ -124,7 +126,7 @@ def _checked_ids(token_ids, vocab_size: int) -> list[int]:
 class Chunk:
   text: str
   token: int | None
-  finish_reason: str | None  # "stop" (a stop token), "length" (max_new_tokens), None (more to come)
+  finish_reason: str | None  # "stop" (a stop token, a constraint complete), "length" (max_new_tokens), None (more to come)
 
 def load_shard(source: str | pathlib.Path, start_layer: int, end_layer: int, backend: str | None = None, dtype: str | None = None,
                max_context: int | None = None) -> Shard:

@@ -8,6 +8,8 @@ What is measured, on a synthetic prompt of `--prompt-tokens` ids (the speed does
   decode      (gen tokens - 1) / time from the first token to the last, greedy; the median of `--runs`
   bandwidth   bytes read per decoded token (every weight but the embedding table, one embedding row, and the
               KV cache at the mean position) x decode tokens/s, next to a large numpy copy's (read + write) rate
+  constrained decode under a JSON schema that cannot end within the run (an array of 1000+ objects), and the
+              matcher's time per token (mask + advance), from replaying that run's tokens through a fresh matcher
 Speeds vary by 30% or more between runs on a shared machine: compare rows of one run, not across runs.
 
 Not here: text quality (see the tests), batching, sampling other than greedy, timing assertions."""
@@ -100,12 +102,37 @@ def bench_ours(args, path: pathlib.Path) -> dict:
   ttft_cold, _ = timed_generate(model.generate, synthetic_prompt(P, vocab, 0), G)  # also the warm-up: JITs captured
   timed = [timed_generate(model.generate, synthetic_prompt(P, vocab, run), G) for run in range(1, args.runs + 1)]
   ttft_warm, decode = statistics.median(t for t, _ in timed), statistics.median(d for _, d in timed)
+  constrained = bench_constrained(model, args)
   nbytes = bytes_per_token(model, P + G / 2)
   dtype = {"float": "float32", "half": "float16", "__bf16": "bfloat16"}.get(model.dtype.name, model.dtype.name)
   return {"name": "tg-llama", "device": model.backend.device, "dtype": dtype, "quantize": model.quantization["mode"],
           "load_s": load_s, "ttft_cold_s": ttft_cold, "ttft_warm_s": ttft_warm, "prefill_tok_s": P / ttft_warm,
           "decode_tok_s": decode, "decode_tok_s_runs": [d for _, d in timed], "peak_rss_mb": peak_rss_mb(), "vocab_size": vocab,
-          "bytes_per_token": nbytes, "achieved_gb_s": nbytes * decode / 1e9}
+          "bytes_per_token": nbytes, "achieved_gb_s": nbytes * decode / 1e9, **constrained}
+
+# objects in an array that must hold more than any run generates: structure and strings, never complete
+BENCH_SCHEMA = {"type": "array", "minItems": 1000, "items": {"type": "object", "properties": {
+  "name": {"type": "string", "maxLength": 16}, "age": {"type": "integer"}, "tags": {"type": "array", "items": {"enum": ["a", "b"]}}},
+  "required": ["name", "age", "tags"]}}
+
+def bench_constrained(model, args) -> dict:
+  """Decode tokens/s under BENCH_SCHEMA (median of --runs), and the matcher's microseconds per token; nothing for a
+  checkpoint without a tokenizer (the grammar is over token bytes)."""
+  from tg_llama import constraint
+  from tg_llama.errors import CheckpointError
+  try: model.tokenizer
+  except CheckpointError: return {}
+  P, G, vocab = args.prompt_tokens, args.gen_tokens, model.config.vocab_size
+  generate = lambda prompt, n: model.generate(prompt, n, json_schema=BENCH_SCHEMA)
+  timed_generate(generate, synthetic_prompt(P, vocab, 0), G)  # the masked graphs' first run
+  decode = statistics.median(timed_generate(generate, synthetic_prompt(P, vocab, run), G)[1] for run in range(1, args.runs + 1))
+  tokens = list(generate(synthetic_prompt(P, vocab, 1), G))
+  matcher, row = constraint.compile(model.tokenizer, json_schema=BENCH_SCHEMA).matcher(), np.zeros(constraint.words(vocab), dtype=np.int32)
+  start = time.perf_counter()
+  for t in tokens:
+    matcher.fill(row)
+    matcher.consume(t)
+  return {"constrained_decode_tok_s": decode, "matcher_us_per_token": (time.perf_counter() - start) / len(tokens) * 1e6}
 
 def bench_transformers(args, path: pathlib.Path, vocab: int) -> dict:
   try:
@@ -179,6 +206,9 @@ def table(result: dict) -> str:
   head = (f"{result['model']}: {result['prompt_tokens']}-token prompt, {result['gen_tokens']} new tokens, median of {result['runs']} runs; "
           f"load {ours['load_s']:.1f} s; {ours['bytes_per_token'] / 1e6:.0f} MB read per decoded token; "
           f"numpy copy {copy:.1f} GB/s (read + write)")
+  if "constrained_decode_tok_s" in ours: notes.append(f"tg-llama under a JSON schema: {ours['constrained_decode_tok_s']:.1f} decode tok/s "
+               f"({100 * ours['constrained_decode_tok_s'] / ours['decode_tok_s']:.0f}% of unconstrained), "
+               f"matcher {ours['matcher_us_per_token']:.0f} us/token (mask + advance)")
   return "\n".join([head, *lines, *notes, "peers run in the same process: their memory is not separable (-); speeds vary by 30% between runs"])
 
 def main(argv: list[str] | None = None) -> int:

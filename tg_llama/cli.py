@@ -1,6 +1,6 @@
 """The `tg-llama` command: chat, generate, serve, convert, bench, cache. Errors print one line, never a traceback."""
 from __future__ import annotations
-import argparse, sys, time
+import argparse, pathlib, sys, time
 from tg_llama.errors import InvalidArgumentError, TgLlamaError
 
 def add_model_args(p: argparse.ArgumentParser):
@@ -76,8 +76,18 @@ def cmd_chat(args) -> int:
   warm_up(model)
   return run_chat(model, session, show_stats=args.stats)
 
+def read_constraint(args) -> dict:
+  """--json-schema / --grammar: the file's text, read before the model loads (the tokenizer compiles it later)."""
+  given = {k: v for k, v in (("json_schema", args.json_schema), ("grammar", args.grammar)) if v is not None}
+  if len(given) > 1: raise InvalidArgumentError("give --json-schema or --grammar, not both")
+  for k, path in given.items():
+    try: given[k] = pathlib.Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e: raise InvalidArgumentError(f"--{k.replace('_', '-')} {path}: {getattr(e, 'strerror', None) or e}") from None
+  return given
+
 def cmd_generate(args) -> int:
   check_args(args)
+  rule = read_constraint(args)
   model = load_model(args)
   tok = model.tokenizer
   if args.chat:
@@ -85,8 +95,8 @@ def cmd_generate(args) -> int:
     ids = encode_chat(tok, [{"role": "user", "content": args.prompt}])
   else: ids = ([tok.bos_id] if tok.add_bos and tok.bos_id is not None else []) + tok.encode(args.prompt)
   start, n = time.perf_counter(), 0
-  if not args.chat: sys.stdout.write(args.prompt)
-  for chunk in model.stream(ids, args.max_new_tokens, sampling_from(args), None if args.chat else frozenset({tok.eos_id} - {None})):
+  if not args.chat and not rule: sys.stdout.write(args.prompt)  # constrained output alone, for a parser to read
+  for chunk in model.stream(ids, args.max_new_tokens, sampling_from(args), None if args.chat else frozenset({tok.eos_id} - {None}), **rule):
     n += 1
     sys.stdout.write(chunk.text)
     sys.stdout.flush()
@@ -143,6 +153,9 @@ def build_parser() -> argparse.ArgumentParser:
   p.add_argument("--prompt", required=True, help="the text to continue")
   p.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template and answer it")
   p.add_argument("--stats", action="store_true", help="print the token count and time")
+  p.add_argument("--json-schema", metavar="FILE", help="answer only JSON that matches this JSON schema (printed without the prompt)")
+  p.add_argument("--grammar", metavar="FILE", help="answer only text of this grammar: Lark (llguidance's, from `start:`) or "
+                                                   "llama.cpp's GBNF (from `root ::=`)")
   p.set_defaults(func=cmd_generate)
   p = sub.add_parser("serve", help="an OpenAI-compatible HTTP server with a chat page (needs tg-llama[serve])",
                      description="Serve the model over OpenAI's API (/v1/chat/completions, /v1/completions, /v1/models), "

@@ -114,6 +114,12 @@ def filter_logits(logits: Tensor, knobs: Tensor, seen: Tensor|None = None, count
   keep = keep & ((key[..., 0] > cut) | e.eq(1)) & (e >= _knob(knobs, "min_p"))
   return keep.where(x, -float("inf"))
 
+def mask_logits(logits: Tensor, mask: Tensor) -> Tensor:
+  """logits (B, V) with the tokens a constraint forbids set to -inf: mask (B, ceil(V/32)) int32, bit t % 32 of word t // 32
+  set for each allowed token t (llguidance's layout, tg_llama/constraint.py); a row of -1 allows everything."""
+  bits = (mask.bitcast(dtypes.uint32).unsqueeze(-1) >> Tensor.arange(32, dtype=dtypes.uint32).to(mask.device)) & 1
+  return bits.reshape(mask.shape[0], -1)[:, :logits.shape[1]].eq(1).where(logits, -float("inf"))
+
 def candidate_mask(logits: Tensor, knobs: Tensor, seen: Tensor|None = None) -> Tensor:
   """Which tokens (B, V) bool survive the filters."""
   return filter_logits(logits, knobs, seen) > -float("inf")

@@ -18,6 +18,7 @@ import itertools, queue, threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 import numpy as np
+from tg_llama.constraint import Grammar, Matcher, words
 from tg_llama.engine.kv_cache import Slot
 from tg_llama.engine.runner import ModelRunner
 from tg_llama.errors import ContextLengthError, EngineBusyError, InvalidArgumentError, TgLlamaError
@@ -32,6 +33,7 @@ class Request:
   stop_ids: frozenset[int] = frozenset()  # a stop token is emitted (finish_reason "stop") and ends the request
   logprobs: int | None = None              # None: none; k: the chosen token's log-probability and the k most likely
   logits: bool = False                     # the first output carries the prompt's next-token logits (numpy, (vocab,))
+  constraint: Grammar | None = None        # only tokens this grammar allows; the request stops where it is complete
 
 @dataclass(frozen=True)
 class Output:
@@ -51,6 +53,7 @@ class Sequence:
   prefilled: int = 0                       # prompt tokens whose keys and values are in the slot
   cached: int = 0                          # of those, how many were already there (prefix reuse)
   generated: list[int] = field(default_factory=list)
+  matcher: Matcher | None = None           # the request's constraint, advanced with each token generated
   cancelled: bool = False
   done: bool = False
 
@@ -111,8 +114,9 @@ class Engine:
     if request.max_tokens < 0: raise InvalidArgumentError(f"max_tokens must be >= 0, got {request.max_tokens}")
     if n + max(request.max_tokens - 1, 0) > self.max_context:
       raise ContextLengthError(f"{n} prompt tokens + {request.max_tokens} to generate do not fit in the context of {self.max_context} tokens")
+    matcher = request.constraint.matcher() if request.constraint is not None else None
     outputs = None if notify is not None else queue.Queue()
-    seq = Sequence(next(self._ids), request, notify or outputs.put)
+    seq = Sequence(next(self._ids), request, notify or outputs.put, matcher=matcher)
     with self._lock:
       if self._closing: raise EngineBusyError("the engine is shutting down")
       if len(self.waiting) >= self.max_waiting: raise EngineBusyError(f"{len(self.waiting)} requests are already waiting")
@@ -196,13 +200,22 @@ class Engine:
     if not (live := [(s, r) for s, r in rows if not s.done]): return
     slots: list[int | None] = [None] * logits.shape[0]
     for seq, r in live: slots[r] = seq.slot.index
-    tokens = self.runner.sample(logits, slots, all(s.request.sampling.is_greedy for s, _ in live))
+    mask = None
+    if any(s.matcher is not None for s, _ in live):  # constrained rows get their grammar's tokens, the others every token
+      mask = np.full((logits.shape[0], words(self.vocab)), -1, dtype=np.int32)
+      for seq, r in live:
+        if seq.matcher is not None: seq.matcher.fill(mask[r])
+    tokens = self.runner.sample(logits, slots, all(s.request.sampling.is_greedy for s, _ in live), mask)
     with self._lock:
       for seq, r in live:
         if seq.done: continue
         token = int(tokens[r])
         seq.generated.append(token)
-        reason = "stop" if token in seq.request.stop_ids else "length" if len(seq.generated) >= seq.request.max_tokens else None
+        if seq.matcher is not None and not seq.matcher.consume(token) and token not in seq.request.stop_ids:
+          self._finish(seq, Output(None, "error", error=TgLlamaError(f"the constraint refused token {token}: {seq.matcher.error}")))
+          continue
+        complete = seq.matcher is not None and seq.matcher.done  # nothing may follow: the request ends here
+        reason = "stop" if token in seq.request.stop_ids or complete else "length" if len(seq.generated) >= seq.request.max_tokens else None
         lp, top = None, ()
         if (k := seq.request.logprobs) is not None:
           row = _log_softmax(host[r])

@@ -16,6 +16,7 @@ from tg_llama.engine.engine import Engine, Output, Request
 from tg_llama.errors import EngineBusyError, TgLlamaError
 from tg_llama.serve.protocol import ApiError, Job, Shapes, api_error, bad, parse, usage
 from tg_llama.serve.text import TextStream
+from tg_llama.serve.tools import CallSplitter, parse_calls
 
 SHUTTING_DOWN = "the server is shutting down"
 
@@ -41,9 +42,20 @@ class Outputs:
     return getter.result()
 
 class Generation:
-  """Outputs in, pieces of the answer out: (text, logprob entries, finish_reason); counts the tokens for the usage."""
+  """Outputs in, pieces of the answer out: (text, logprob entries, finish_reason); counts the tokens for the usage.
+  With tools, the text from a <tool_call> on is held, and parsed into `calls` at the end (finish_reason "tool_calls")."""
   def __init__(self, job: Job, outputs: Outputs, tokenizer):
     self.job, self.outputs, self.text, self.tokens = job, outputs, TextStream(tokenizer, job.stops), 0
+    self.splitter, self.calls = CallSplitter() if job.tools else None, None
+
+  def _split(self, text: str, final: bool) -> tuple[str, bool]:
+    """(the content to send, whether the answer turned out to be tool calls)"""
+    if self.splitter is None: return text, False
+    text = self.splitter.add(text)
+    if not final: return text, False
+    held, called = self.splitter.finish()
+    self.calls = parse_calls(called, list(self.job.tools)) if called else None
+    return text + held + ("" if self.calls or not called else called), self.calls is not None  # calls that do not parse are text
 
   async def pieces(self, first: Output, http: HttpRequest | None = None) -> AsyncIterator[tuple[str, list, str | None]]:
     out = first
@@ -58,8 +70,10 @@ class Generation:
           entries = [(out.token, out.logprob, out.top_logprobs)] if self.job.logprobs else []
           if self.text.stopped: finish = "stop"
       if finish is not None:
-        yield text + self.text.finish(), entries, finish
+        text, called = self._split(text + self.text.finish(), final=True)
+        yield text, entries, "tool_calls" if called else finish
         return
+      text, _ = self._split(text, final=False)
       if text or entries: yield text, entries, None
       out = await self.outputs.next(http)
 
@@ -121,7 +135,7 @@ def create_app(model, model_id: str, api_key: str | None = None) -> FastAPI:
       async for piece, lp, finish in gen.pieces(first, http):
         text.append(piece)
         entries += lp
-      return shapes.response("".join(text), entries, finish, usage(job, gen.tokens, outputs.handle.cached_tokens))
+      return shapes.response("".join(text), entries, finish, usage(job, gen.tokens, outputs.handle.cached_tokens), gen.calls)
     except TgLlamaError as e: raise api_error(e) from None
     except ClientGone: return Response(status_code=499)  # nobody reads it: nginx's "client closed request"
     finally:
@@ -131,6 +145,10 @@ def create_app(model, model_id: str, api_key: str | None = None) -> FastAPI:
     try:
       if job.chat: yield _event(shapes.chunk("", [], None, role=True))
       async for text, entries, finish in gen.pieces(first):
+        if gen.calls:  # the end of an answer with tool calls: its last text, the calls, then the finish_reason
+          if text or entries: yield _event(shapes.chunk(text, entries, None))
+          for chunk in shapes.call_chunks(gen.calls): yield _event(chunk)
+          text, entries = "", []
         yield _event(shapes.chunk(text, entries, finish))
       if job.include_usage: yield _event(shapes.usage_chunk(usage(job, gen.tokens, gen.outputs.handle.cached_tokens)))
     except TgLlamaError as e: yield _event(api_error(e).body())  # after the first chunk, an error can only be an event

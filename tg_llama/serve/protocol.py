@@ -2,15 +2,19 @@
 the engine runs, and how to answer), the JSON that goes back, and errors as `{"error": {message, type, param, code}}`.
 
 Unknown fields are ignored with a warning in the log, as vLLM does; fields we know but do not implement (n > 1, best_of, echo, suffix,
-logit_bias, tools and function calls, response_format, audio) are refused with a 400 naming them, never ignored.
-Extensions, as vLLM's: top_k, min_p, repetition_penalty. Not here: several prompts or choices in one request, images."""
+logit_bias, the legacy `functions`, audio) are refused with a 400 naming them, never ignored. Structured output:
+`response_format` (json_object, json_schema) and `tools` with `tool_choice` (tg_llama/serve/tools.py), enforced token by
+token (tg_llama/constraint.py). Extensions, as vLLM's: top_k, min_p, repetition_penalty, guided_json, guided_regex,
+guided_choice, guided_grammar. Not here: several prompts or choices in one request, images."""
 from __future__ import annotations
-import logging, numbers, time, uuid
+import json, logging, numbers, re, time, uuid
 from dataclasses import dataclass
+from tg_llama import constraint
 from tg_llama.chat_template import encode_chat
 from tg_llama.engine.engine import Request
 from tg_llama.errors import ContextLengthError, EngineBusyError, InvalidArgumentError, TgLlamaError
 from tg_llama.sampling import SamplingParams
+from tg_llama.serve.tools import Tool, call_grammar, chat_messages, renders_tools
 from tg_llama.tokenizer import Tokenizer
 
 class ApiError(Exception):
@@ -32,13 +36,13 @@ def api_error(e: TgLlamaError) -> ApiError:
   return ApiError(500, str(e), type="server_error")
 
 # known fields this server does not implement, and the values that mean "not used" (null always does)
-UNSUPPORTED = {"n": (1,), "best_of": (1,), "echo": (False,), "suffix": ("",), "logit_bias": ({},), "tools": ([],), "tool_choice": ("none",),
-               "functions": ([],), "function_call": ("none",), "response_format": ({"type": "text"},), "audio": (), "prediction": (),
-               "modalities": (["text"],), "guided_json": (), "guided_regex": (), "guided_choice": (), "guided_grammar": ()}
+UNSUPPORTED = {"n": (1,), "best_of": (1,), "echo": (False,), "suffix": ("",), "logit_bias": ({},), "functions": ([],),
+               "function_call": ("none",), "audio": (), "prediction": (), "modalities": (["text"],)}
+GUIDED = {"guided_json": "json_schema", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
 
 KNOWN = {"model", "messages", "prompt", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "min_p", "repetition_penalty",
          "seed", "stop", "presence_penalty", "frequency_penalty", "logprobs", "top_logprobs", "stream", "stream_options", "user", "metadata",
-         "store", "service_tier", "parallel_tool_calls", *UNSUPPORTED}
+         "store", "service_tier", "parallel_tool_calls", "response_format", "tools", "tool_choice", *GUIDED, *UNSUPPORTED}
 log = logging.getLogger("tg_llama.serve")
 
 @dataclass(frozen=True)
@@ -49,6 +53,7 @@ class Job:
   stream: bool
   include_usage: bool      # a last chunk with the usage (streaming)
   logprobs: bool           # the response carries logprobs
+  tools: tuple[Tool, ...] = ()  # tool calls are parsed from the answer (tool_choice other than "none")
 
 # *** requests ***
 
@@ -81,7 +86,8 @@ def parse(body, chat: bool, tokenizer: Tokenizer, model_id: str, max_context: in
   for name, unused in UNSUPPORTED.items():
     if body.get(name) is not None and body[name] not in unused:
       raise bad(f"'{name}' is not supported by this server (got {_short(body[name])})", name)
-  prompt, where = (_chat_prompt(body, tokenizer), "messages") if chat else (_completion_prompt(body, tokenizer), "prompt")
+  tools, choice = _tools(body) if chat else ((), "none")
+  prompt, where = (_chat_prompt(body, tokenizer, tools if choice != "none" else ()), "messages") if chat else (_completion_prompt(body, tokenizer), "prompt")
   if len(prompt) >= max_context:
     raise bad(f"the prompt is {len(prompt)} tokens, and the model's context is {max_context}: no room for an answer", where,
               "context_length_exceeded")
@@ -114,10 +120,59 @@ def parse(body, chat: bool, tokenizer: Tokenizer, model_id: str, max_context: in
   options = _get(body, "stream_options", (dict,), "an object", {})
   if options and not stream: raise bad("'stream_options' is only allowed with 'stream': true", "stream_options")
   usage = _get(options, "include_usage", (bool,), "a boolean", False)
-  request = Request(tuple(prompt), max_tokens or room, sampling, tokenizer.stop_ids, k)
-  return Job(chat, request, stops, stream, usage, k is not None)
+  rule = _constraint(body, chat, tokenizer, tools, choice)
+  request = Request(tuple(prompt), max_tokens or room, sampling, tokenizer.stop_ids, k, constraint=rule)
+  return Job(chat, request, stops, stream, usage, k is not None, tuple(tools) if choice != "none" else ())
 
-def _chat_prompt(body: dict, tokenizer: Tokenizer) -> list[int]:
+def _tools(body: dict) -> tuple[list[Tool], str | Tool]:
+  """The request's tools, and its tool_choice: "none", "auto", "required", or the one Tool it names."""
+  tools = []
+  for i, t in enumerate(_get(body, "tools", (list,), "a list of tools", [])):
+    where = f"tools[{i}]"
+    f = t.get("function") if isinstance(t, dict) and t.get("type") == "function" else None
+    if not isinstance(f, dict): raise bad(f"{where} must be {{\"type\": \"function\", \"function\": {{...}}}}, not {_short(t)}", where)
+    name = f.get("name")
+    if not isinstance(name, str) or not _TOOL_NAME.match(name): raise bad(f"{where}.function.name must be 1-64 letters, digits, _ or -, not {_short(name)}", f"{where}.function.name")
+    params = f.get("parameters", {"type": "object", "properties": {}})
+    if not isinstance(params, dict): raise bad(f"{where}.function.parameters must be a JSON schema object, not {_short(params)}", f"{where}.function.parameters")
+    description = f.get("description") or ""
+    if not isinstance(description, str): raise bad(f"{where}.function.description must be a string", f"{where}.function.description")
+    if name in (t.name for t in tools): raise bad(f"two tools are named {name!r}", where)
+    tools.append(Tool(name, description, params))
+  choice = body.get("tool_choice")
+  if choice is None: return tools, "auto" if tools else "none"
+  if choice in ("none", "auto", "required"):
+    if choice != "none" and not tools: raise bad(f"'tool_choice' is {choice!r}, but no 'tools' are given", "tool_choice")
+    return tools, choice
+  name = choice.get("function", {}).get("name") if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(choice.get("function"), dict) else None
+  if name is None: raise bad(f"'tool_choice' must be 'none', 'auto', 'required' or {{\"type\": \"function\", \"function\": {{\"name\": ...}}}}, not {_short(choice)}", "tool_choice")
+  if (named := next((t for t in tools if t.name == name), None)) is None: raise bad(f"'tool_choice' names {_short(name)}, which is not one of the 'tools'", "tool_choice")
+  return tools, named
+
+_TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
+
+def _constraint(body: dict, chat: bool, tokenizer: Tokenizer, tools: list[Tool], choice) -> constraint.Grammar | None:
+  """The grammar the answer must follow: a forced tool call, a response_format, or one of vLLM's guided_* fields."""
+  rules = {}
+  if choice == "required" or isinstance(choice, Tool): rules["tool_choice"] = {"grammar": call_grammar(tools if choice == "required" else [choice])}
+  fmt = _get(body, "response_format", (dict,), "an object", {"type": "text"})
+  kind = fmt.get("type")
+  if kind == "json_object": rules["response_format"] = {"json_schema": True}
+  elif kind == "json_schema":
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, dict) or not isinstance(spec.get("schema", {}), (dict, bool)):
+      raise bad("'response_format' json_schema must be {\"name\": ..., \"schema\": {...}}", "response_format")
+    rules["response_format"] = {"json_schema": spec.get("schema", True)}
+  elif kind != "text": raise bad(f"'response_format' type must be 'text', 'json_object' or 'json_schema', not {_short(kind)}", "response_format")
+  for field, arg in GUIDED.items():
+    if body.get(field) is not None: rules[field] = {arg: body[field]}
+  if len(rules) > 1: raise bad(f"{' and '.join(map(repr, rules))} cannot be enforced together: give one", list(rules)[-1])
+  if not rules: return None
+  (param, args), = rules.items()
+  try: return constraint.compile(tokenizer, **args)
+  except InvalidArgumentError as e: raise bad(f"'{param}': {e}", param) from None
+
+def _chat_prompt(body: dict, tokenizer: Tokenizer, tools: list[Tool]) -> list[int]:
   if "messages" not in body: raise bad("'messages' is required", "messages")
   messages = _get(body, "messages", (list,), "a list of messages")
   if not messages: raise bad("'messages' must hold at least one message", "messages")
@@ -126,8 +181,8 @@ def _chat_prompt(body: dict, tokenizer: Tokenizer) -> list[int]:
     where = f"messages[{i}]"
     if not isinstance(m, dict): raise bad(f"{where} must be an object, not {_short(m)}", where)
     role = _get(m, "role", (str,), "a string")
-    if role not in ("system", "developer", "user", "assistant"):
-      raise bad(f"{where}.role must be 'system', 'user' or 'assistant', not {_short(role)}", f"{where}.role")
+    if role not in ("system", "developer", "user", "assistant", "tool"):
+      raise bad(f"{where}.role must be 'system', 'user', 'assistant' or 'tool', not {_short(role)}", f"{where}.role")
     content = m.get("content")
     if isinstance(content, list):  # parts: only text ones
       if bad_part := next((p for p in content if not (isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str))), None):
@@ -135,9 +190,28 @@ def _chat_prompt(body: dict, tokenizer: Tokenizer) -> list[int]:
       content = "".join(p["text"] for p in content)
     if not isinstance(content, str) and not (content is None and role == "assistant"):
       raise bad(f"{where}.content must be a string or a list of text parts, not {_short(content)}", f"{where}.content")
-    checked.append({"role": "system" if role == "developer" else role, "content": content or ""})
-  try: return encode_chat(tokenizer, checked)
+    one = {"role": "system" if role == "developer" else role, "content": content or ""}
+    if role == "assistant" and m.get("tool_calls"): one["tool_calls"] = _calls(m["tool_calls"], where)
+    if role == "tool": one["tool_call_id"] = _get(m, "tool_call_id", (str,), "a string", "")
+    checked.append(one)
+  native = renders_tools(tokenizer.chat_template)
+  extra = {"tools": [t.schema() for t in tools]} if tools and native else {}
+  try: return encode_chat(tokenizer, chat_messages(checked, tools, native), **extra)
   except TgLlamaError as e: raise bad(f"the model's chat template failed on these messages: {e}", "messages") from None
+
+def _calls(calls, where: str) -> list[dict]:
+  """An assistant message's tool_calls: [{"name", "arguments" (an object)}]."""
+  if not isinstance(calls, list): raise bad(f"{where}.tool_calls must be a list, not {_short(calls)}", f"{where}.tool_calls")
+  out = []
+  for j, c in enumerate(calls):
+    f = c.get("function") if isinstance(c, dict) else None
+    name, args = (f.get("name"), f.get("arguments")) if isinstance(f, dict) else (None, None)
+    try: args = json.loads(args) if isinstance(args, str) else args
+    except ValueError: args = None
+    if not isinstance(name, str) or not isinstance(args, dict):
+      raise bad(f"{where}.tool_calls[{j}] must be {{\"function\": {{\"name\": ..., \"arguments\": \"<JSON object>\"}}}}, not {_short(c)}", f"{where}.tool_calls")
+    out.append({"name": name, "arguments": args})
+  return out
 
 def _completion_prompt(body: dict, tokenizer: Tokenizer) -> list[int]:
   if "prompt" not in body: raise bad("'prompt' is required", "prompt")
@@ -185,9 +259,10 @@ class Shapes:
     return {"tokens": [s(t) for t, _, _ in entries], "token_logprobs": [lp for _, lp, _ in entries],
             "top_logprobs": [{s(u): ulp for u, ulp in top} for _, _, top in entries], "text_offset": offsets}
 
-  def response(self, text: str, entries: list, finish: str, usage: dict) -> dict:
+  def response(self, text: str, entries: list, finish: str, usage: dict, calls: list | None = None) -> dict:
     lp = self.logprobs(entries)
-    choice = {"index": 0, "message": {"role": "assistant", "content": text}} if self.job.chat else {"index": 0, "text": text}
+    message = {"role": "assistant", "content": text or None, "tool_calls": [c.json() for c in calls]} if calls else {"role": "assistant", "content": text}
+    choice = {"index": 0, "message": message} if self.job.chat else {"index": 0, "text": text}
     return self._head("chat.completion" if self.job.chat else "text_completion") | {
       "choices": [choice | {"logprobs": lp, "finish_reason": finish}], "usage": usage}
 
@@ -199,6 +274,15 @@ class Shapes:
     kind = "chat.completion.chunk" if self.job.chat else "text_completion"
     out = self._head(kind) | {"choices": [choice | {"logprobs": lp, "finish_reason": finish}]}
     return out | ({"usage": None} if self.job.include_usage else {})
+
+  def call_chunks(self, calls: list) -> list[dict]:
+    """The stream's tool-call deltas: for each call its id and name, then its arguments."""
+    out = []
+    for i, c in enumerate(calls):
+      for delta in ({"index": i, "id": c.id, "type": "function", "function": {"name": c.name, "arguments": ""}}, {"index": i, "function": {"arguments": c.arguments}}):
+        out.append(self._head("chat.completion.chunk") | {"choices": [{"index": 0, "delta": {"tool_calls": [delta]}, "logprobs": None, "finish_reason": None}]}
+                   | ({"usage": None} if self.job.include_usage else {}))
+    return out
 
   def usage_chunk(self, usage: dict) -> dict:
     return self._head("chat.completion.chunk" if self.job.chat else "text_completion") | {"choices": [], "usage": usage}
