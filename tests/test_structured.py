@@ -183,7 +183,9 @@ def test_a_tool_result_fed_back_gives_an_answer(client):
   messages += [r.choices[0].message.model_dump(exclude_none=True),
                {"role": "tool", "tool_call_id": call.id, "content": json.dumps({"temperature": 21, "sky": "sunny"})}]
   r = client.chat.completions.create(model=MODEL_ID, messages=messages, tools=TOOLS, tool_choice="none", max_tokens=60, temperature=0)
-  assert r.choices[0].finish_reason in ("stop", "length") and r.choices[0].message.content.strip() and not r.choices[0].message.tool_calls
+  answer = r.choices[0].message
+  assert r.choices[0].finish_reason in ("stop", "length") and not answer.tool_calls
+  assert "sunny" in answer.content.lower() and "<tool_response>" not in answer.content  # written from the result, not a copy of it
 
 def test_streamed_tool_call_deltas_reassemble(client):
   chunks = list(client.chat.completions.create(model=MODEL_ID, messages=[{"role": "user", "content": "What is 17 plus 25?"}], tools=TOOLS,
