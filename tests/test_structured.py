@@ -217,3 +217,17 @@ def test_calls_are_split_from_text_at_any_chunking():
   assert s.add("a <tool_") == "a " and s.finish() == ("<tool_", "")  # a tag that never came is text
   assert parse_calls('<tool_call>{"name": "sub", "arguments": {}}</tool_call>', tools) is None  # not a listed tool
   assert parse_calls('<tool_call>{"name": "add", "arguments": {"a": 1', tools) is None  # cut short
+
+def test_a_template_that_renders_tools_gets_them_as_transformers_passes_them(smollm2_gguf):
+  from tg_llama.serve.protocol import parse
+  tok = load_tokenizer(smollm2_gguf)
+  tok.chat_template = ("{% if tools %}TOOLS {{ tools | tojson }}{{ '\\n' }}{% endif %}{% for m in messages %}{{ m.role }}: {{ m.content }}"
+                       "{% for c in m.tool_calls or [] %}CALL {{ c.function.name }} {{ c.function.arguments | tojson }}{% endfor %}{{ '\\n' }}{% endfor %}")
+  messages = [{"role": "user", "content": "Add 1 and 2."},
+              {"role": "assistant", "content": None, "tool_calls": [{"id": "call_1", "type": "function", "function": {"name": "add", "arguments": '{"a": 1, "b": 2}'}}]},
+              {"role": "tool", "tool_call_id": "call_1", "content": "3"}]
+  job = parse({"model": "m", "messages": messages, "tools": TOOLS[1:]}, True, tok, "m", 4096)
+  text = tok.decode(list(job.request.prompt))
+  assert text == (f"TOOLS {json.dumps(TOOLS[1:], separators=(', ', ': '))}\n"
+                  'user: Add 1 and 2.\nassistant: CALL add {"a": 1, "b": 2}\ntool: 3\n')
+  assert job.tools == (Tool("add", "Add two integers", PARAMS["add"]),) and job.request.constraint is None
