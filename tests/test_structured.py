@@ -216,6 +216,15 @@ def test_calls_are_split_from_text_at_any_chunking():
   s = CallSplitter()
   assert s.add("a <tool_") == "a " and s.finish() == ("<tool_", "")  # a tag that never came is text
   assert parse_calls('<tool_call>{"name": "sub", "arguments": {}}</tool_call>', tools) is None  # not a listed tool
+  # Llama 3.1's format: the whole answer a bare JSON call, held from its first character
+  s = CallSplitter()
+  assert s.add(" \n") == "" and s.add('{"name": "add", ') == "" and s.add('"parameters": {"a": 5, "b": 6}}') == ""
+  held, called = s.finish()
+  assert held == "" and [(c.name, json.loads(c.arguments)) for c in parse_calls(called, tools)] == [("add", {"a": 5, "b": 6})]
+  s = CallSplitter()
+  assert s.add("  {not a call}") == "" and parse_calls(s.finish()[1], tools) is None  # then it is text (Generation)
+  s = CallSplitter()
+  assert s.add("  The sum {is} 3") == "  The sum {is} 3"
   assert parse_calls('<tool_call>{"name": "add", "arguments": {"a": 1', tools) is None  # cut short
 
 def test_a_template_that_renders_tools_gets_them_as_transformers_passes_them(smollm2_gguf):
@@ -231,3 +240,11 @@ def test_a_template_that_renders_tools_gets_them_as_transformers_passes_them(smo
   assert text == (f"TOOLS {json.dumps(TOOLS[1:], separators=(', ', ': '))}\n"
                   'user: Add 1 and 2.\nassistant: CALL add {"a": 1, "b": 2}\ntool: 3\n')
   assert job.tools == (Tool("add", "Add two integers", PARAMS["add"]),) and job.request.constraint is None
+
+def test_a_required_format_is_never_taken_for_a_call(smollm2_gguf):
+  from tg_llama.serve.protocol import parse
+  tok = load_tokenizer(smollm2_gguf)
+  body = {"model": "m", "messages": [{"role": "user", "content": "Hi"}], "tools": TOOLS}
+  assert len(parse(body, True, tok, "m", 4096).tools) == 2
+  assert parse(body | {"response_format": {"type": "json_object"}}, True, tok, "m", 4096).tools == ()
+  assert parse(body | {"tool_choice": "none"}, True, tok, "m", 4096).tools == ()

@@ -120,9 +120,11 @@ def parse(body, chat: bool, tokenizer: Tokenizer, model_id: str, max_context: in
   options = _get(body, "stream_options", (dict,), "an object", {})
   if options and not stream: raise bad("'stream_options' is only allowed with 'stream': true", "stream_options")
   usage = _get(options, "include_usage", (bool,), "a boolean", False)
-  rule = _constraint(body, chat, tokenizer, tools, choice)
+  param, rule = _constraint(body, tokenizer, tools, choice)
   request = Request(tuple(prompt), max_tokens or room, sampling, tokenizer.stop_ids, k, constraint=rule)
-  return Job(chat, request, stops, stream, usage, k is not None, tuple(tools) if choice != "none" else ())
+  # calls are looked for unless there can be none: tool_choice "none", or a format the answer must have instead
+  calls = choice != "none" and param in (None, "tool_choice")
+  return Job(chat, request, stops, stream, usage, k is not None, tuple(tools) if calls else ())
 
 def _tools(body: dict) -> tuple[list[Tool], str | Tool]:
   """The request's tools, and its tool_choice: "none", "auto", "required", or the one Tool it names."""
@@ -151,8 +153,9 @@ def _tools(body: dict) -> tuple[list[Tool], str | Tool]:
 
 _TOOL_NAME = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
 
-def _constraint(body: dict, chat: bool, tokenizer: Tokenizer, tools: list[Tool], choice) -> constraint.Grammar | None:
-  """The grammar the answer must follow: a forced tool call, a response_format, or one of vLLM's guided_* fields."""
+def _constraint(body: dict, tokenizer: Tokenizer, tools: list[Tool], choice) -> tuple[str | None, constraint.Grammar | None]:
+  """The grammar the answer must follow (a forced tool call, a response_format, or one of vLLM's guided_* fields) and
+  the field that asked for it."""
   rules = {}
   if choice == "required" or isinstance(choice, Tool): rules["tool_choice"] = {"grammar": call_grammar(tools if choice == "required" else [choice])}
   fmt = _get(body, "response_format", (dict,), "an object", {"type": "text"})
@@ -167,9 +170,9 @@ def _constraint(body: dict, chat: bool, tokenizer: Tokenizer, tools: list[Tool],
   for field, arg in GUIDED.items():
     if body.get(field) is not None: rules[field] = {arg: body[field]}
   if len(rules) > 1: raise bad(f"{' and '.join(map(repr, rules))} cannot be enforced together: give one", list(rules)[-1])
-  if not rules: return None
+  if not rules: return None, None
   (param, args), = rules.items()
-  try: return constraint.compile(tokenizer, **args)
+  try: return param, constraint.compile(tokenizer, **args)
   except InvalidArgumentError as e: raise bad(f"'{param}': {e}", param) from None
 
 def _chat_prompt(body: dict, tokenizer: Tokenizer, tools: list[Tool]) -> list[int]:

@@ -12,8 +12,9 @@ that ends by asking for the answer (measured on SmolLM2-135M: without that line 
 
 tool_choice "auto": the calls are parsed from what the model writes. "required" or a named function: the answer is
 one call, enforced by a grammar (tg_llama/constraint.py): its name is one of the tools (or the named one) and its
-arguments match that tool's parameter schema. Not here: several calls enforced in one answer (a model may still
-write several under "auto"), other models' native formats (Llama 3.1's `<|python_tag|>`, Mistral's `[TOOL_CALLS]`)."""
+arguments match that tool's parameter schema. Under "auto" an answer that is Llama 3.1/3.2's own call format, a bare
+`{"name": ..., "parameters": {...}}`, is a call too. Not here: several calls enforced in one answer (a model may
+still write several under "auto"), Llama 3.1's built-in tools (`<|python_tag|>`), Mistral's `[TOOL_CALLS]`."""
 from __future__ import annotations
 import json, re, uuid
 from dataclasses import dataclass
@@ -57,11 +58,12 @@ class Call:
   def json(self) -> dict: return {"id": self.id, "type": "function", "function": {"name": self.name, "arguments": self.arguments}}
 
 def parse_calls(text: str, tools: list[Tool]) -> list[Call] | None:
-  """The calls in the text after the first <tool_call>, or None when any of them is not a call of a listed tool."""
+  """The calls in `text` (from the first <tool_call> on, or a whole answer that is Llama 3.1's bare JSON call or a list of
+  them), or None when any of them is not a call of a listed tool with an object of arguments."""
+  try: objs = [json.loads(body) for body in _CALL.findall(text)] if OPEN in text else json.loads(text)
+  except json.JSONDecodeError: return None
   names, calls = {t.name for t in tools}, []
-  for body in _CALL.findall(text):
-    try: obj = json.loads(body)
-    except json.JSONDecodeError: return None
+  for obj in objs if isinstance(objs, list) else [objs]:
     args = obj.get("arguments", obj.get("parameters")) if isinstance(obj, dict) else None
     if not (isinstance(obj, dict) and obj.get("name") in names and isinstance(args, dict)): return None
     calls.append(Call("call_" + uuid.uuid4().hex[:24], obj["name"], json.dumps(args, ensure_ascii=False)))
@@ -69,15 +71,22 @@ def parse_calls(text: str, tools: list[Tool]) -> list[Call] | None:
 
 class CallSplitter:
   """An answer's text as it streams: content is released until a <tool_call> begins (text that may be its start is
-  held back); what follows is kept for parse_calls at the end."""
+  held back), or not at all when the answer starts with "{" (Llama 3.1 writes a call as a bare JSON object); the rest
+  is kept for parse_calls at the end, and is text after all if it does not parse."""
   def __init__(self):
-    self.held, self.calls_text, self.in_call = "", "", False
+    self.held, self.calls_text, self.in_call, self.started = "", "", False, False
 
   def add(self, text: str) -> str:
     if self.in_call:
       self.calls_text += text
       return ""
     self.held += text
+    if not self.started:  # leading whitespace is held until the answer's first character says what it is
+      if not (lead := self.held.lstrip()): return ""
+      self.started = True
+      if lead.startswith("{"):
+        self.calls_text, self.held, self.in_call = self.held, "", True
+        return ""
     if (i := self.held.find(OPEN)) >= 0:
       out, self.calls_text, self.held, self.in_call = self.held[:i], self.held[i:], "", True
       return out
@@ -86,7 +95,7 @@ class CallSplitter:
     return out
 
   def finish(self) -> tuple[str, str]:
-    """(content not yet released, the text from <tool_call> on)"""
+    """(content not yet released, the text that may be calls)"""
     out, self.held = self.held, ""
     return out, self.calls_text
 
