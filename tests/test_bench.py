@@ -20,7 +20,8 @@ def test_json_fields(tiny, capsys):
   out = run_json(capsys, ["--model", str(tiny), *FAST, "--compare", "transformers", "--compare", "llama.cpp"])
   assert {"model", "prompt_tokens", "gen_tokens", "runs", "machine_copy_gb_s", "bandwidth_pct", "ours", "compare"} <= set(out)
   ours = out["ours"]
-  assert FIELDS | {"peak_rss_mb", "bytes_per_token", "achieved_gb_s", "device", "dtype", "quantize"} <= set(ours)
+  assert FIELDS | {"peak_rss_mb", "bytes_per_token", "achieved_gb_s", "device", "dtype", "quantize", "sampled_decode_tok_s"} <= set(ours)
+  assert ours["sampled_decode_tok_s"] > 0 and ours["sampling"]["temperature"] > 0
   assert ours["quantize"] == "none" and ours["dtype"] == "float32"
   assert all(ours[k] > 0 for k in ("ttft_cold_s", "prefill_tok_s", "decode_tok_s", "peak_rss_mb", "machine_copy_gb_s") if k in ours)
   assert out["machine_copy_gb_s"] > 0 and len(ours["decode_tok_s_runs"]) == 1

@@ -8,6 +8,7 @@ What is measured, on a synthetic prompt of `--prompt-tokens` ids (the speed does
   decode      (gen tokens - 1) / time from the first token to the last, greedy; the median of `--runs`
   bandwidth   bytes read per decoded token (every weight but the embedding table, one embedding row, and the
               KV cache at the mean position) x decode tokens/s, next to a large numpy copy's (read + write) rate
+  sampled     decode with the chat's default sampling (`tg-llama chat`'s temperature, top-p, repetition penalty)
   constrained decode under a JSON schema that cannot end within the run (an array of 1000+ objects), and the
               matcher's time per token (mask + advance), from replaying that run's tokens through a fresh matcher
 Speeds vary by 30% or more between runs on a shared machine: compare rows of one run, not across runs.
@@ -103,12 +104,23 @@ def bench_ours(args, path: pathlib.Path) -> dict:
   timed = [timed_generate(model.generate, synthetic_prompt(P, vocab, run), G) for run in range(1, args.runs + 1)]
   ttft_warm, decode = statistics.median(t for t, _ in timed), statistics.median(d for _, d in timed)
   constrained = bench_constrained(model, args)
+  sampled = bench_sampled(model, args)
   nbytes = bytes_per_token(model, P + G / 2)
   dtype = {"float": "float32", "half": "float16", "__bf16": "bfloat16"}.get(model.dtype.name, model.dtype.name)
   return {"name": "tg-llama", "device": model.backend.device, "dtype": dtype, "quantize": model.quantization["mode"],
           "load_s": load_s, "ttft_cold_s": ttft_cold, "ttft_warm_s": ttft_warm, "prefill_tok_s": P / ttft_warm,
           "decode_tok_s": decode, "decode_tok_s_runs": [d for _, d in timed], "peak_rss_mb": peak_rss_mb(), "vocab_size": vocab,
-          "bytes_per_token": nbytes, "achieved_gb_s": nbytes * decode / 1e9, **constrained}
+          "bytes_per_token": nbytes, "achieved_gb_s": nbytes * decode / 1e9, **sampled, **constrained}
+
+def bench_sampled(model, args) -> dict:
+  """Decode tokens/s with the chat's default sampling, seeded (median of --runs)."""
+  from tg_llama.cli import build_parser, sampling_from
+  sampling = sampling_from(build_parser().parse_args(["chat"]))
+  P, G, vocab = args.prompt_tokens, args.gen_tokens, model.config.vocab_size
+  generate = lambda prompt, n: model.generate(prompt, n, sampling)
+  timed_generate(generate, synthetic_prompt(P, vocab, 0), G)  # the sampling graph's first run
+  decode = statistics.median(timed_generate(generate, synthetic_prompt(P, vocab, run), G)[1] for run in range(1, args.runs + 1))
+  return {"sampled_decode_tok_s": decode, "sampling": {k: getattr(sampling, k) for k in ("temperature", "top_p", "repetition_penalty")}}
 
 # objects in an array that must hold more than any run generates: structure and strings, never complete
 BENCH_SCHEMA = {"type": "array", "minItems": 1000, "items": {"type": "object", "properties": {
@@ -206,6 +218,9 @@ def table(result: dict) -> str:
   head = (f"{result['model']}: {result['prompt_tokens']}-token prompt, {result['gen_tokens']} new tokens, median of {result['runs']} runs; "
           f"load {ours['load_s']:.1f} s; {ours['bytes_per_token'] / 1e6:.0f} MB read per decoded token; "
           f"numpy copy {copy:.1f} GB/s (read + write)")
+  knobs = ", ".join(f"{k} {v}" for k, v in ours["sampling"].items())
+  notes.append(f"tg-llama with the chat's sampling ({knobs}): {ours['sampled_decode_tok_s']:.1f} decode tok/s "
+               f"({100 * ours['sampled_decode_tok_s'] / ours['decode_tok_s']:.0f}% of greedy)")
   if "constrained_decode_tok_s" in ours: notes.append(f"tg-llama under a JSON schema: {ours['constrained_decode_tok_s']:.1f} decode tok/s "
                f"({100 * ours['constrained_decode_tok_s'] / ours['decode_tok_s']:.0f}% of unconstrained), "
                f"matcher {ours['matcher_us_per_token']:.0f} us/token (mask + advance)")
