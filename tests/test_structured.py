@@ -248,3 +248,17 @@ def test_a_required_format_is_never_taken_for_a_call(smollm2_gguf):
   assert len(parse(body, True, tok, "m", 4096).tools) == 2
   assert parse(body | {"response_format": {"type": "json_object"}}, True, tok, "m", 4096).tools == ()
   assert parse(body | {"tool_choice": "none"}, True, tok, "m", 4096).tools == ()
+
+@pytest.mark.parametrize("kw", [{"regex": "(a{1,1000}){1,1000}"}, {"regex": "(a|b)*a(a|b){25}"}, {"json_schema": {"enum": [f"v{i}" for i in range(50000)]}},
+                                {"json_schema": json.loads('{"type": "array", "items": ' * 200 + '{"type": "integer"}' + "}" * 200)},
+                                {"grammar": 'start: x\nx: "(" x ")" | "a"'}])
+def test_hostile_constraints_compile_or_are_refused_without_hanging(smollm2_gguf, kw):
+  import time
+  tok, start = load_tokenizer(smollm2_gguf), time.monotonic()
+  try: m = constraint.compile(tok, **kw).matcher()
+  except InvalidArgumentError as e: assert "\n" not in str(e)
+  else:
+    row = np.zeros(constraint.words(tok.vocab_size), dtype=np.int32)
+    m.fill(row)
+    assert bits(row, tok.vocab_size).any() and m.error is None
+  assert time.monotonic() - start < 20  # a guard against a hang, not a speed test (each takes well under a second here)

@@ -29,19 +29,19 @@ def words(vocab: int) -> int:
 
 @dataclass(frozen=True)
 class Grammar:
-  """A compiled constraint for one tokenizer: `matcher()` starts a fresh one for each request."""
+  """A compiled constraint for one tokenizer: `matcher()` starts a fresh one for each request, a copy of a matcher made
+  at compile time (a copy is cheap; building one takes up to a second for a big grammar, which compile() pays once, off
+  the server's event loop)."""
   llg: str          # llguidance's grammar (JSON text), checked
-  tokenizer: Any    # llguidance.LLTokenizer
+  start: Any        # llguidance.LLMatcher at the grammar's start, never advanced
   source: str       # what it was compiled from, for messages
 
-  def matcher(self) -> Matcher: return Matcher(self)
+  def matcher(self) -> Matcher: return Matcher(self.start.deep_copy())
 
 class Matcher:
   """One request's place in its grammar."""
-  def __init__(self, grammar: Grammar):
-    import llguidance
-    self.m = llguidance.LLMatcher(grammar.tokenizer, grammar.llg, log_level=0)
-    if self.m.is_error(): raise InvalidArgumentError(f"the constraint does not compile: {self.m.get_error()}")
+  def __init__(self, m):
+    self.m = m
 
   def fill(self, row: np.ndarray):
     """Write the bitmask of the tokens allowed next into `row` (int32, words(vocab)): bit t % 32 of word t // 32."""
@@ -92,10 +92,9 @@ def compile(tokenizer: Tokenizer, json_schema: dict | str | bool | None = None, 
     source = json.dumps(choice)
     _check_size(source, "choice")
     llg = llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choice))
-  tok = lltokenizer(tokenizer)
-  is_error, messages = llguidance.LLMatcher.validate_grammar_with_warnings(llg, tok)
-  if is_error: raise InvalidArgumentError(f"the {given[0].replace('_', ' ')} is not supported: {_first_line(messages[0])}")
-  return Grammar(llg, tok, source)
+  start = llguidance.LLMatcher(lltokenizer(tokenizer), llg, log_level=0)
+  if start.is_error(): raise InvalidArgumentError(f"the {given[0].replace('_', ' ')} is not supported: {_first_line(start.get_error())}")
+  return Grammar(llg, start, source)
 
 def closed(schema):
   """The schema with every object that lists its `properties` and says nothing of others closed to others

@@ -16,7 +16,6 @@ from __future__ import annotations
 import math, numbers, secrets
 from dataclasses import dataclass
 from typing import Sequence
-import numpy as np
 from tinygrad import Tensor, dtypes
 from tg_llama.errors import InvalidArgumentError
 
