@@ -219,3 +219,10 @@ def mode_run(path: str, prompt: str, context: str, graph_cache: str, devices: st
 
 if __name__ == "__main__":
   print(json.dumps({"run": mode_run}[sys.argv[1]](*sys.argv[2:])))
+
+def test_warm_up_saves_the_graphs_a_first_turn_runs(tiny, own_cache, capsys):
+  import tg_llama
+  from tg_llama.cli import warm_up
+  warm_up(tg_llama.load(tiny[0], max_context=32))
+  # a new start finds every graph the warm-up runs: a 2-token prompt's 2-row step, then 1-row steps
+  assert {"decode1", "greedy1", "decode2", "greedy2"} <= set(tg_llama.load(tiny[0], max_context=32).graphs.load())

@@ -56,9 +56,12 @@ def warm_up(model):
   print("compiling kernels (fast after the first run on this backend)...", end="", file=sys.stderr, flush=True)
   loaded = model.graphs.load() if model.graphs is not None else ()
   # a 2-token prompt runs as a step of 2 rows, then steps of 1. TinyJit runs a function, then captures it; graphs loaded
-  # from disk replay at once, and one run sets up their kernels. Other batch sizes and the prefill chunk are set up when
-  # a turn first needs them (each takes a while: setting them all up here would slow every start)
-  for _ in range(1 if {"decode1", "greedy1", "decode2", "greedy2"} <= set(loaded) else 3): list(model.generate([model.config.bos_id or 0] * 2, 3))
+  # from disk replay at once, and one run sets up their kernels. Each run's prompt starts with another token: the same
+  # prompt again would reuse the slot's prefix and run as 1 row, and the 2-row graph would never be captured (nor saved).
+  # Other batch sizes and the prefill chunk are set up when a turn first needs them (setting them all up here would
+  # slow every start)
+  runs = 1 if {"decode1", "greedy1", "decode2", "greedy2"} <= set(loaded) else 3
+  for i in range(runs): list(model.generate([i % model.config.vocab_size] * 2, 3))
   print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
 def warm_up_batches(model, slots: int):
