@@ -10,7 +10,7 @@ What is measured, on a synthetic prompt of `--prompt-tokens` ids (the speed does
               KV cache at the mean position) x decode tokens/s, next to a large numpy copy's (read + write) rate
   sampled     decode with the chat's default sampling (`tg-llama chat`'s temperature, top-p, repetition penalty)
   constrained decode under a JSON schema that cannot end within the run (an array of 1000+ objects), and the
-              matcher's time per token (mask + advance), from replaying that run's tokens through a fresh matcher
+              matcher's time per token (mask + advance), from replaying the first run's tokens through a fresh matcher
 Speeds vary by 30% or more between runs on a shared machine: compare rows of one run, not across runs.
 
 Not here: text quality (see the tests), batching, sampling other than greedy, timing assertions."""
@@ -112,14 +112,18 @@ def bench_ours(args, path: pathlib.Path) -> dict:
           "decode_tok_s": decode, "decode_tok_s_runs": [d for _, d in timed], "peak_rss_mb": peak_rss_mb(), "vocab_size": vocab,
           "bytes_per_token": nbytes, "achieved_gb_s": nbytes * decode / 1e9, **sampled, **constrained}
 
+def median_decode(generate, args, vocab: int) -> tuple[float, list[int]]:
+  """Decode tokens/s of `generate` (median of --runs timed runs), after an untimed first run (its graphs' capture); and
+  that first run's tokens."""
+  tokens = list(generate(synthetic_prompt(args.prompt_tokens, vocab, 0), args.gen_tokens))
+  return statistics.median(timed_generate(generate, synthetic_prompt(args.prompt_tokens, vocab, run), args.gen_tokens)[1]
+                           for run in range(1, args.runs + 1)), tokens
+
 def bench_sampled(model, args) -> dict:
   """Decode tokens/s with the chat's default sampling, seeded (median of --runs)."""
   from tg_llama.cli import build_parser, sampling_from
   sampling = sampling_from(build_parser().parse_args(["chat"]))
-  P, G, vocab = args.prompt_tokens, args.gen_tokens, model.config.vocab_size
-  generate = lambda prompt, n: model.generate(prompt, n, sampling)
-  timed_generate(generate, synthetic_prompt(P, vocab, 0), G)  # the sampling graph's first run
-  decode = statistics.median(timed_generate(generate, synthetic_prompt(P, vocab, run), G)[1] for run in range(1, args.runs + 1))
+  decode, _ = median_decode(lambda prompt, n: model.generate(prompt, n, sampling), args, model.config.vocab_size)
   return {"sampled_decode_tok_s": decode, "sampling": {k: getattr(sampling, k) for k in ("temperature", "top_p", "repetition_penalty")}}
 
 # objects in an array that must hold more than any run generates: structure and strings, never complete
@@ -134,11 +138,8 @@ def bench_constrained(model, args) -> dict:
   from tg_llama.errors import CheckpointError
   try: model.tokenizer
   except CheckpointError: return {}
-  P, G, vocab = args.prompt_tokens, args.gen_tokens, model.config.vocab_size
-  generate = lambda prompt, n: model.generate(prompt, n, json_schema=BENCH_SCHEMA)
-  timed_generate(generate, synthetic_prompt(P, vocab, 0), G)  # the masked graphs' first run
-  decode = statistics.median(timed_generate(generate, synthetic_prompt(P, vocab, run), G)[1] for run in range(1, args.runs + 1))
-  tokens = list(generate(synthetic_prompt(P, vocab, 1), G))
+  vocab = model.config.vocab_size
+  decode, tokens = median_decode(lambda prompt, n: model.generate(prompt, n, json_schema=BENCH_SCHEMA), args, vocab)
   matcher, row = constraint.compile(model.tokenizer, json_schema=BENCH_SCHEMA).matcher(), np.zeros(constraint.words(vocab), dtype=np.int32)
   start = time.perf_counter()
   for t in tokens:

@@ -13,7 +13,7 @@ Grammars are Lark in llguidance's dialect (which embeds JSON schemas as `%json {
 free whitespace may write newlines forever; an object schema that lists its properties allows no others unless it
 says so (`closed`). Not here: logit bias, token healing, speculative fast-forward tokens."""
 from __future__ import annotations
-import functools, json, threading
+import json, threading
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 import numpy as np
@@ -32,9 +32,7 @@ class Grammar:
   """A compiled constraint for one tokenizer: `matcher()` starts a fresh one for each request, a copy of a matcher made
   at compile time (a copy is cheap; building one takes up to a second for a big grammar, which compile() pays once, off
   the server's event loop)."""
-  llg: str          # llguidance's grammar (JSON text), checked
-  start: Any        # llguidance.LLMatcher at the grammar's start, never advanced
-  source: str       # what it was compiled from, for messages
+  start: Any  # llguidance.LLMatcher at the grammar's start, never advanced
 
   def matcher(self) -> Matcher: return Matcher(self.start.deep_copy())
 
@@ -73,28 +71,26 @@ def compile(tokenizer: Tokenizer, json_schema: dict | str | bool | None = None, 
       try: json_schema = json.loads(json_schema)
       except json.JSONDecodeError as e: raise InvalidArgumentError(f"the JSON schema is not valid JSON: {e}") from None
     if not isinstance(json_schema, (dict, bool)): raise InvalidArgumentError(f"a JSON schema must be an object, not {type(json_schema).__name__}")
-    source = json.dumps(json_schema)
-    _check_size(source, "JSON schema")
+    _check_size(json.dumps(json_schema), "JSON schema")
     try: llg = llguidance.LLMatcher.grammar_from_json_schema(closed(json_schema), overrides=JSON_OPTIONS)
     except (ValueError, TypeError) as e: raise InvalidArgumentError(f"the JSON schema is not supported: {e}") from None
   elif grammar is not None:
-    source = _checked_str(grammar, "grammar")
+    _check_str(grammar, "grammar")
     from llguidance.gbnf_to_lark import any_to_lark
     try: lark = any_to_lark(grammar)
     except Exception as e: raise InvalidArgumentError(f"the GBNF grammar does not parse: {_first_line(e)}") from None
     llg = llguidance.LLMatcher.grammar_from_lark(lark)
   elif regex is not None:
-    source = _checked_str(regex, "regex")
+    _check_str(regex, "regex")
     llg = llguidance.LLMatcher.grammar_from_regex(regex)
   else:
     if not isinstance(choice, list) or not choice or not all(isinstance(c, str) and c for c in choice):
       raise InvalidArgumentError(f"a choice must be a list of non-empty strings, not {str(choice)[:60]}")
-    source = json.dumps(choice)
-    _check_size(source, "choice")
+    _check_size(json.dumps(choice), "choice")
     llg = llguidance.LLMatcher.grammar_from_lark("start: " + " | ".join(json.dumps(c) for c in choice))
   start = llguidance.LLMatcher(lltokenizer(tokenizer), llg, log_level=0)
   if start.is_error(): raise InvalidArgumentError(f"the {given[0].replace('_', ' ')} is not supported: {_first_line(start.get_error())}")
-  return Grammar(llg, start, source)
+  return Grammar(start)
 
 def closed(schema):
   """The schema with every object that lists its `properties` and says nothing of others closed to others
@@ -108,10 +104,9 @@ def closed(schema):
   if "properties" in out and "additionalProperties" not in out and "patternProperties" not in out: out["additionalProperties"] = False
   return out
 
-def _checked_str(s, what: str) -> str:
+def _check_str(s, what: str):
   if not isinstance(s, str) or not s: raise InvalidArgumentError(f"a {what} must be a non-empty string")
   _check_size(s, what)
-  return s
 
 def _check_size(s: str, what: str):
   if len(s.encode()) > MAX_GRAMMAR_BYTES: raise InvalidArgumentError(f"the {what} is over {MAX_GRAMMAR_BYTES} bytes")
@@ -137,10 +132,3 @@ def _build(tokenizer: Tokenizer):
     special_token_ids = sorted({*tokenizer.special_tokens.values(), *tokenizer.added_tokens.values()})
     def __call__(self, s: str | bytes) -> list[int]: return tokenizer.encode(s.decode("utf-8", errors="replace") if isinstance(s, bytes) else s)
   return llguidance.LLTokenizer(llguidance.TokenizerWrapper(View()), eos_token=sorted(tokenizer.stop_ids))
-
-@functools.cache
-def _bits() -> np.ndarray: return (1 << np.arange(32, dtype=np.int64)).astype(np.uint32).view(np.int32)
-
-def allowed(row: np.ndarray, vocab: int) -> np.ndarray:
-  """A bitmask row as bools (vocab,), for tests and host-side checks."""
-  return ((row[:, None] & _bits()[None, :]) != 0).reshape(-1)[:vocab]

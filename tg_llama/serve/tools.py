@@ -47,7 +47,8 @@ def call_grammar(tools: list[Tool]) -> str:
   calls = [{"type": "object", "properties": {"name": {"const": t.name}, "arguments": closed(t.parameters)}, "required": ["name", "arguments"],
             "additionalProperties": False} for t in tools]
   schema = {"anyOf": calls, "x-guidance": JSON_OPTIONS}
-  return f'start: {json.dumps(OPEN + chr(10))} call {json.dumps(chr(10) + CLOSE)}\ncall: %json {json.dumps(schema)}'
+  before, after = json.dumps(OPEN + "\n"), json.dumps("\n" + CLOSE)
+  return f"start: {before} call {after}\ncall: %json {json.dumps(schema)}"
 
 @dataclass(frozen=True)
 class Call:
