@@ -11,7 +11,7 @@ from tinygrad.engine.jit import CapturedJit
 from tinygrad.helpers import NUM_CPU_THREADS
 import tg_llama
 from tg_llama import cpu_graph, cpu_opts
-from tg_llama.model import decode_attention
+from tg_llama.models.blocks import decode_attention
 from tg_llama.quantize import Int4Linear
 from tiny_models import PROMPT, hf_model, write_hf
 

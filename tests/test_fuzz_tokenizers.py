@@ -33,8 +33,10 @@ values = st.recursive(scalars, lambda c: st.lists(c, max_size=5) | st.dictionari
                       max_leaves=12) | st.integers(100, 3000).map(lambda d: deep(d, "x"))
 
 def mutate(doc, draw, paths):
-  """One mutation of `doc` at one of `paths` (dotted; a number indexes a list): delete, replace, shrink, grow or nest."""
-  path = draw(st.sampled_from(paths)).split(".")
+  """One mutation of `doc` at one of `paths` (dotted, or a tuple of keys for keys that hold dots; a number indexes a list):
+  delete, replace, shrink, grow or nest."""
+  path = draw(st.sampled_from(paths))
+  path = path.split(".") if isinstance(path, str) else list(path)
   parent = doc
   for key in path[:-1]:
     if not isinstance(parent, (dict, list)): return
@@ -88,6 +90,8 @@ GGUF_PATHS = ["tokenizer.ggml.tokens", "tokenizer.ggml.tokens.0", "tokenizer.ggm
               "tokenizer.ggml.token_type", "tokenizer.ggml.token_type.5", "tokenizer.ggml.token_type.261", "tokenizer.ggml.merges",
               "tokenizer.ggml.merges.1", "tokenizer.ggml.bos_token_id", "tokenizer.ggml.eos_token_id", "tokenizer.ggml.eot_token_id",
               "tokenizer.ggml.pre", "tokenizer.ggml.model", "tokenizer.ggml.add_bos_token", "tokenizer.chat_template"]
+# GGUF keys hold dots: a path is (key, index)
+GGUF_PATHS = [(key, last) if last.isdigit() else (path,) for path in GGUF_PATHS for key, _, last in [path.rpartition(".")]]
 BASE_KV = gguf_kv(**{"tokenizer.ggml.eot_token_id": 259})
 
 @SETTINGS

@@ -9,7 +9,7 @@ from tg_llama.config import LlamaConfig
 from tg_llama.convert import open_checkpoint
 from tg_llama.errors import UnsupportedModelError
 from tg_llama.engine.kv_cache import KVCache
-from tg_llama.model import Llama
+from tg_llama.models.llama import Llama
 from tg_llama.parallel import check_divisible, devices_for, place_input, shard_model
 from tg_llama.sampling import SamplingParams
 from tiny_models import PROMPT, hf_model, reference_greedy, write_hf

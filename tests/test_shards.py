@@ -6,7 +6,7 @@ import tg_llama
 from tg_llama.config import LlamaConfig
 from tg_llama.convert import canonical_shapes, open_checkpoint
 from tg_llama.api import load_weights
-from tg_llama.model import Llama
+from tg_llama.models.llama import Llama
 from tiny_models import PROMPT, hf_model, reference_logits, write_hf
 
 @pytest.fixture(scope="module")

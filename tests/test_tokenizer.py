@@ -167,7 +167,7 @@ def test_bytes_missing_from_vocab_are_dropped(smol, smol_hf):
 
 def test_gguf_errors(smol_kv):
   with pytest.raises(UnsupportedModelError, match="'qwen9'"): Tokenizer.from_gguf_metadata({**smol_kv, "tokenizer.ggml.pre": "qwen9"})
-  with pytest.raises(UnsupportedModelError, match="'llama'"): Tokenizer.from_gguf_metadata({**smol_kv, "tokenizer.ggml.model": "llama"})
+  with pytest.raises(UnsupportedModelError, match="'bert'"): Tokenizer.from_gguf_metadata({**smol_kv, "tokenizer.ggml.model": "bert"})
 
 # *** the split patterns against llama.cpp's regex sequences (llama-vocab.cpp), run the way it runs them ***
 

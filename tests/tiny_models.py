@@ -1,10 +1,11 @@
-"""Tiny random Llama models built with transformers (the reference), written out as HF, Meta and GGUF
+"""Tiny random Llama (and Mixtral) models built with transformers (the reference), written out as HF, Meta and GGUF
 checkpoints the way each format's own tools lay them out."""
 from __future__ import annotations
 import copy, json, pathlib
+from typing import Callable
 import numpy as np
 import torch
-from transformers import LlamaConfig as HFConfig, LlamaForCausalLM
+from transformers import LlamaConfig as HFConfig, LlamaForCausalLM, MixtralConfig, MixtralForCausalLM
 
 VOCAB = 384
 BASE = dict(vocab_size=VOCAB, hidden_size=64, intermediate_size=192, num_hidden_layers=3, num_attention_heads=4,
@@ -25,6 +26,17 @@ def hf_model(variant: str, seed: int = 0) -> LlamaForCausalLM:
   with torch.no_grad():  # norms start at 1: randomize them so a mixed-up norm weight cannot pass
     for name, p in model.named_parameters():
       if "norm" in name: p.add_(torch.randn_like(p) * 0.2)
+  return model
+
+MIXTRAL = dict(BASE, intermediate_size=96, num_key_value_heads=2, num_local_experts=4, num_experts_per_tok=2)
+
+def mixtral_model(seed: int = 0) -> MixtralForCausalLM:
+  torch.manual_seed(seed)
+  model = MixtralForCausalLM(MixtralConfig(**MIXTRAL)).eval()
+  with torch.no_grad():
+    for name, p in model.named_parameters():
+      if "norm" in name: p.add_(torch.randn_like(p) * 0.2)
+      if name.endswith("mlp.gate.weight"): p.mul_(20)  # the router: top-k gaps far above float rounding
   return model
 
 def reference_logits(model: LlamaForCausalLM, ids: list[int]) -> np.ndarray:
@@ -89,8 +101,9 @@ def write_meta(model: LlamaForCausalLM, path: pathlib.Path, n_shards: int = 2, s
   (path / "params.json").write_text(json.dumps(params))
   return path
 
-def write_gguf(model: LlamaForCausalLM, path: pathlib.Path, qtype: str = "F32") -> pathlib.Path:
-  """A GGUF as llama.cpp's convert_hf_to_gguf.py writes it: q/k permuted back to interleaved, 2-D weights in `qtype`."""
+def write_gguf(model: LlamaForCausalLM, path: pathlib.Path, qtype: str | Callable[[str], str] = "F32") -> pathlib.Path:
+  """A GGUF as llama.cpp's convert_hf_to_gguf.py writes it: q/k permuted back to interleaved, weights of 2 or 3 dims in
+  `qtype` (or qtype(GGUF name): a file mixing types), but a router's, kept F32 as llama.cpp does."""
   import gguf
   c, sd = model.config, {k: v.float().numpy() for k, v in model.state_dict().items()}
   w = gguf.GGUFWriter(str(path), "llama")
@@ -101,9 +114,10 @@ def write_gguf(model: LlamaForCausalLM, path: pathlib.Path, qtype: str = "F32") 
   w.add_tokenizer_model("gpt2"); w.add_tokenizer_pre("default")
   w.add_token_list([f"<t{i}>" for i in range(c.vocab_size)]); w.add_token_types([1] * c.vocab_size); w.add_token_merges([])
   w.add_bos_token_id(1); w.add_eos_token_id(2)
-  q = gguf.GGMLQuantizationType[qtype]
+  if experts := getattr(c, "num_local_experts", 0): w.add_expert_count(experts); w.add_expert_used_count(c.num_experts_per_tok)
   def add(name, arr):
-    if arr.ndim == 2 and q != gguf.GGMLQuantizationType.F32:
+    arr, q = np.ascontiguousarray(arr), gguf.GGMLQuantizationType[qtype(name) if callable(qtype) else qtype]
+    if arr.ndim >= 2 and q != gguf.GGMLQuantizationType.F32 and not name.endswith("ffn_gate_inp.weight"):
       w.add_tensor(name, gguf.quants.quantize(arr.astype(np.float32), q) if q != gguf.GGMLQuantizationType.F16 else arr.astype(np.float16),
                    raw_dtype=q if q != gguf.GGMLQuantizationType.F16 else None)
     else: w.add_tensor(name, arr.astype(np.float32))
@@ -118,6 +132,11 @@ def write_gguf(model: LlamaForCausalLM, path: pathlib.Path, qtype: str = "F32") 
     add(f"blk.{i}.attn_k.weight", half_split_to_interleaved(torch.from_numpy(sd[p + "self_attn.k_proj.weight"]), c.num_key_value_heads).numpy())
     add(f"blk.{i}.attn_v.weight", sd[p + "self_attn.v_proj.weight"]); add(f"blk.{i}.attn_output.weight", sd[p + "self_attn.o_proj.weight"])
     add(f"blk.{i}.ffn_norm.weight", sd[p + "post_attention_layernorm.weight"])
+    if experts:  # transformers 5 holds each layer's experts stacked: gate_up_proj (E, 2H, D) = [w1; w3], down_proj (E, D, H)
+      H = c.intermediate_size
+      add(f"blk.{i}.ffn_gate_inp.weight", sd[p + "mlp.gate.weight"]); add(f"blk.{i}.ffn_down_exps.weight", sd[p + "mlp.experts.down_proj"])
+      add(f"blk.{i}.ffn_gate_exps.weight", sd[p + "mlp.experts.gate_up_proj"][:, :H]); add(f"blk.{i}.ffn_up_exps.weight", sd[p + "mlp.experts.gate_up_proj"][:, H:])
+      continue
     add(f"blk.{i}.ffn_gate.weight", sd[p + "mlp.gate_proj.weight"]); add(f"blk.{i}.ffn_up.weight", sd[p + "mlp.up_proj.weight"])
     add(f"blk.{i}.ffn_down.weight", sd[p + "mlp.down_proj.weight"])
   w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
@@ -146,3 +165,21 @@ def gguf_reference(path: pathlib.Path) -> LlamaForCausalLM:
   """transformers' own reading of a GGUF file (it dequantizes with the gguf package): the oracle for GGUF."""
   from transformers import AutoModelForCausalLM
   return AutoModelForCausalLM.from_pretrained(str(path.parent), gguf_file=path.name, dtype=torch.float32).eval()
+
+def gguf_roundtrip(qtype: str, w: np.ndarray) -> np.ndarray:
+  """w (rows, K) as a `qtype` GGUF block of it decodes, by gguf-py."""
+  import gguf
+  q = gguf.GGMLQuantizationType[qtype]
+  return w if qtype == "F32" else gguf.quants.dequantize(gguf.quants.quantize(w, q), q)
+
+def dequantized_copy(model, roundtrip: Callable[[str, np.ndarray], np.ndarray], keep: tuple[str, ...] = ("mlp.gate.weight",)):
+  """A copy of `model` with every matrix but the norms and those named `keep` (name suffixes; default the router, which
+  llama.cpp keeps float) replaced by roundtrip(name, w) of its (rows, K) view: rows are quantized independently, so
+  llama.cpp's q/k row order does not matter."""
+  out = copy.deepcopy(model)
+  with torch.no_grad():
+    for name, p in out.named_parameters():
+      if p.ndim >= 2 and not name.endswith(keep):
+        w = p.float().numpy()
+        p.copy_(torch.from_numpy(roundtrip(name, w.reshape(-1, w.shape[-1])).reshape(w.shape)))
+  return out

@@ -17,7 +17,7 @@ from tg_llama.engine.kv_cache import KVCache
 from tg_llama.engine.runner import ModelRunner
 from tg_llama.jit_cache import GraphCache, graphs_enabled
 from tg_llama.errors import InvalidArgumentError, UnsupportedModelError
-from tg_llama.model import Llama
+from tg_llama.models.llama import Llama
 from tg_llama.quantize import GGUF_BLOCKS, quantize_model, quantized_names
 from tg_llama.parallel import check_divisible, devices_for, split_axis
 from tg_llama.sampling import SamplingParams
@@ -56,14 +56,20 @@ def progress_bar(label: str) -> Callable[[int, int], None]:
   return show
 
 class Model:
-  """A loaded whole model on one backend: its weights, and the engine that runs sequences on them (a KV cache of
-  `slots` sequences, the captured graphs). Every generation goes through the engine."""
-  def __init__(self, llama: Llama, checkpoint: Checkpoint, backend: Backend, dtype: DType, max_context: int,
-               devices: tuple[str, ...] = (), slots: int = 1):
-    self.llama, self.checkpoint, self.backend, self.dtype, self.devices = llama, checkpoint, backend, dtype, devices
-    self.config: LlamaConfig = llama.config
-    self.runner = ModelRunner(llama, backend.device, dtype, max_context, slots, devices=devices)
-    self.engine = Engine(self.runner)
+  """A loaded model: its weights on one backend (or the stages of a pipeline, tg_llama/cluster/), and the engine that runs
+  sequences on them (a KV cache of `slots` sequences, the captured graphs). Every generation goes through the engine."""
+  def __init__(self, runner, checkpoint: Checkpoint, backend: Backend | None, dtype: DType, devices: tuple[str, ...] = (),
+               quantization: dict | None = None):
+    self.runner, self.checkpoint, self.backend, self.dtype, self.devices = runner, checkpoint, backend, dtype, devices
+    self.llama: Llama | None = getattr(runner, "llama", None)  # None for a pipeline: its layers live in the stages
+    self.config: LlamaConfig = runner.config
+    self.quantization = quantization or {"mode": "none"}
+    self.engine = Engine(runner)
+
+  @property
+  def device(self) -> str:
+    """Where the model runs, in words: a tinygrad device ("CPU", "CL"), or a pipeline's stages."""
+    return self.backend.device if self.backend is not None else self.runner.device
 
   @property
   def max_context(self) -> int: return self.runner.max_context
@@ -132,10 +138,10 @@ def load_shard(source: str | pathlib.Path, start_layer: int, end_layer: int, bac
                max_context: int | None = None) -> Shard:
   """Layers start_layer..end_layer of a checkpoint, reading only their tensors, with a KV cache ready.
   Call it as `shard(x, start_pos)`: x is token ids (B, T) for the first shard, else the previous shard's hidden
-  states (B, T, dim); the last shard returns logits. Shards may live on different backends and machines."""
+  states (B, T, dim); the last shard returns logits. To run a model as a pipeline of shards on several processes or
+  machines, see tg_llama/cluster/."""
   be, compute, ckpt, context = _prepare(source, backend, dtype, max_context)
-  llama = Llama(ckpt.config, start_layer, end_layer)
-  load_weights(llama, ckpt, be.device, compute)
+  llama, _ = build(ckpt, be.device, compute, start_layer, end_layer, quantize="none")
   return Shard(llama, context, compute, be.device)
 
 class Shard:
@@ -186,7 +192,7 @@ def _check_memory(c: LlamaConfig, be: Backend, dtype: DType, context: int, slots
   /proc/meminfo reports; a GPU's is not checked here (its allocation fails when the cache is made)."""
   if be.device.split(":")[0] != "CPU" or (available := _mem_available()) is None: return
   kv = 2 * slots * c.n_layers * c.n_kv_heads * c.head_dim * (context + 64) * dtype.itemsize  # +64: the prefill chunk's slack
-  per_layer = c.dim * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.n_heads * c.head_dim * c.dim + 3 * c.dim * c.hidden_dim
+  per_layer = c.dim * (c.n_heads + 2 * c.n_kv_heads) * c.head_dim + c.n_heads * c.head_dim * c.dim + 3 * c.dim * c.hidden_dim * max(c.n_experts, 1)
   weights = (c.n_layers * per_layer + c.vocab_size * c.dim * (1 if c.tie_embeddings else 2)) * dtype.itemsize
   if kv + weights > available:
     raise InvalidArgumentError(f"max_context={context}{f' for {slots} slots' if slots > 1 else ''} needs a {_gb(kv)} KV cache and about {_gb(weights)} of weights, more than the "
@@ -216,13 +222,19 @@ def load(source: str | pathlib.Path, backend: str | None = None, dtype: str | No
   be, compute, ckpt, context = _prepare(source, backend, dtype, max_context, slots)
   devs = devices_for(be.device, devices) if devices > 1 else ()
   if devs: check_divisible(ckpt.config, devices)  # before reading any weights
-  llama = Llama(ckpt.config)
-  mode = quantize or ("gguf" if ckpt.format == "gguf" and not devs and set(ckpt.raw_dtypes.values()) & set(GGUF_BLOCKS) else "none")
-  if mode != "none" and devs: raise UnsupportedModelError(f"quantize={mode!r}: quantized layers run on one device; load without devices")
-  quantization = load_weights(llama, ckpt, be.device, compute, progress_bar(f"loading {pathlib.Path(source).name}") if progress else None,
-                              devs, quantize=mode)
-  release_file_pages()
-  model = Model(llama, ckpt, be, compute, context, devs, slots)
-  model.quantization = quantization
+  llama, quantization = build(ckpt, be.device, compute, devices=devs, quantize=quantize,
+                              progress=progress_bar(f"loading {pathlib.Path(source).name}") if progress else None)
+  model = Model(ModelRunner(llama, be.device, compute, context, slots, devices=devs), ckpt, be, compute, devs, quantization)
   if graphs_enabled(graph_cache): model.engine.graphs = GraphCache.for_model(model)
   return model
+
+def build(ckpt: Checkpoint, device: str, dtype: DType, start_layer: int = 0, end_layer: int | None = None, devices: tuple[str, ...] = (),
+          quantize: str | None = None, progress: Callable[[int, int], None] | None = None) -> tuple[Llama, dict]:
+  """A model, or its layers start_layer..end_layer, with its weights read from the checkpoint (only those it holds), and its
+  quantization (quantize: as load() takes it)."""
+  llama = Llama(ckpt.config, start_layer, end_layer)
+  mode = quantize or ("gguf" if ckpt.format == "gguf" and not devices and set(ckpt.raw_dtypes.values()) & set(GGUF_BLOCKS) else "none")
+  if mode != "none" and devices: raise UnsupportedModelError(f"quantize={mode!r}: quantized layers run on one device; load without devices")
+  quantization = load_weights(llama, ckpt, device, dtype, progress, devices, quantize=mode)
+  release_file_pages()
+  return llama, quantization

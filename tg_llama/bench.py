@@ -40,9 +40,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--concurrency", type=_levels, default=None, metavar="1,4,8",
                  help="instead: streams at once through `tg-llama serve` (aggregate tokens/s, time to first token and between tokens)")
   p.add_argument("--rounds", type=int, default=2, help="with --concurrency: requests per stream slot at each level (default 2)")
+  p.add_argument("--stages", type=int, default=None, help="instead: the model as this many layer-shard stages on Ray, next to one "
+                                                          "process (start-up, decode, the hops' cost per token; needs tg-llama[cluster])")
+  p.add_argument("--cluster", metavar="ADDRESS", default=None, help="with --stages: the Ray cluster (default: a local instance)")
   args = p.parse_args(argv)
-  for name in ("prompt_tokens", "gen_tokens", "runs", "rounds"):
-    if getattr(args, name) < 1: p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+  for name in ("prompt_tokens", "gen_tokens", "runs", "rounds", "stages"):
+    if getattr(args, name) is not None and getattr(args, name) < 1: p.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
   if args.gen_tokens < 2: p.error(f"--gen-tokens must be at least 2 to time decoding, got {args.gen_tokens}")
   return args
 
@@ -81,10 +84,11 @@ def timed_generate(generate, prompt: list[int], gen_tokens: int) -> tuple[float,
   return first - start, (n - 1) / (end - first)
 
 def bytes_per_token(model, context: float) -> int:
-  """Weights read to decode one token: every parameter but the embedding table (one row of it), plus the KV cache."""
+  """Weights read to decode one token: every parameter but the embedding table (one row of it), of a mixture's experts
+  the share a token is routed to (tg_llama/models/mixtral.py reads no other), plus the KV cache."""
   llama, c = model.llama, model.config
-  params = {id(t): t for name, t in llama.weights().items() if name != "model.embed_tokens.weight"}
-  total = sum(t.nbytes() for t in params.values())
+  params = {id(t): (name, t) for name, t in llama.weights().items() if name != "model.embed_tokens.weight"}
+  total = sum(t.nbytes() * (c.n_active_experts / c.n_experts if ".experts." in name else 1) for name, t in params.values())
   embed = llama.embed_tokens.weight
   if id(embed) not in params: total += c.dim * embed.dtype.itemsize
   kv = 2 * c.n_layers * c.n_kv_heads * c.head_dim * model.dtype.itemsize
@@ -107,7 +111,7 @@ def bench_ours(args, path: pathlib.Path) -> dict:
   sampled = bench_sampled(model, args)
   nbytes = bytes_per_token(model, P + G / 2)
   dtype = {"float": "float32", "half": "float16", "__bf16": "bfloat16"}.get(model.dtype.name, model.dtype.name)
-  return {"name": "tg-llama", "device": model.backend.device, "dtype": dtype, "quantize": model.quantization["mode"],
+  return {"name": "tg-llama", "device": model.device, "dtype": dtype, "quantize": model.quantization["mode"],
           "load_s": load_s, "ttft_cold_s": ttft_cold, "ttft_warm_s": ttft_warm, "prefill_tok_s": P / ttft_warm,
           "decode_tok_s": decode, "decode_tok_s_runs": [d for _, d in timed], "peak_rss_mb": peak_rss_mb(), "vocab_size": vocab,
           "bytes_per_token": nbytes, "achieved_gb_s": nbytes * decode / 1e9, **sampled, **constrained}
@@ -232,6 +236,9 @@ def main(argv: list[str] | None = None) -> int:
   if args.concurrency:
     from tg_llama import bench_serve
     return bench_serve.main(args, args.concurrency)
+  if args.stages:
+    from tg_llama import bench_cluster
+    return bench_cluster.main(args)
   from tg_llama.assets import default_model_path
   path = pathlib.Path(args.model).expanduser() if args.model else default_model_path()
   ours = bench_ours(args, path)

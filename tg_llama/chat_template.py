@@ -32,15 +32,16 @@ LLAMA3_TEMPLATE = (
   "message['role'] + '<|end_header_id|>\n\n'+ message['content'] | trim + '<|eot_id|>' %}{% if loop.index0 == 0 %}"
   "{% set content = bos_token + content %}{% endif %}{{ content }}{% endfor %}{% if add_generation_prompt %}"
   "{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}{% endif %}")
-# Llama 2 chat as Meta's llama/generation.py lays it out: the system prompt folds into the first user turn,
-# each exchange is `<s>[INST] user [/INST] answer </s>`; the prompt for a reply ends at [/INST]
+# Llama 2 chat as Meta's llama/generation.py (and meta-llama/Llama-2-7b-chat-hf's template) lays it out: the system
+# prompt folds into the first user turn, which is trimmed as a whole; each exchange is `<s>[INST] user [/INST] answer </s>`;
+# the prompt for a reply ends at [/INST]. A SentencePiece vocab (<s>, </s>) that ships no template gets this one.
 LLAMA2_TEMPLATE = (
-  "{% if messages and messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] | trim %}"
+  "{% if messages and messages[0]['role'] == 'system' %}{% set system = messages[0]['content'] %}"
   "{% set messages = messages[1:] %}{% else %}{% set system = none %}{% endif %}"
   "{% for message in messages %}"
-  "{% if message['role'] == 'user' %}{% set text = message['content'] | trim %}"
+  "{% if message['role'] == 'user' %}{% set text = message['content'] %}"
   "{% if loop.first and system is not none %}{% set text = '<<SYS>>\n' + system + '\n<</SYS>>\n\n' + text %}{% endif %}"
-  "{{ bos_token + '[INST] ' + text + ' [/INST]' }}"
+  "{{ bos_token + '[INST] ' + text | trim + ' [/INST]' }}"
   "{% elif message['role'] == 'assistant' %}{{ ' ' + message['content'] | trim + ' ' + eos_token }}"
   "{% else %}{{ raise_exception('the Llama 2 template has no role ' + message['role']) }}{% endif %}"
   "{% endfor %}")

@@ -13,6 +13,15 @@ def add_model_args(p: argparse.ArgumentParser):
                  help="weight-only quantization (default: gguf for a GGUF file with Q8_0/Q4_x blocks: kept as stored, "
                       "decoded in the matmul; else none)")
   p.add_argument("--devices", type=int, default=1, help="split the model tensor-parallel over this many devices of the backend (default 1)")
+  g = p.add_argument_group("pipeline of layer shards on a Ray cluster (needs tg-llama[cluster])")
+  g.add_argument("--stages", type=int, default=None, help="run the model as this many stages of layers, split by each node's memory")
+  g.add_argument("--layers", default=None, help="the stages' layers by hand, e.g. 0:10,10:30 (layers 0-9, then 10-29)")
+  g.add_argument("--cluster", metavar="ADDRESS", default=None, help="the Ray cluster to run the stages on, as `ray start --head` "
+                                                                  "prints it (default: a local Ray instance started for this run)")
+  g.add_argument("--nodes", default=None, help="each stage's node, comma-separated: a Ray node id, node name or IP (default: round "
+                                               "the nodes, the largest memory first)")
+  g.add_argument("--stage-backends", default=None, help="each stage's backend, comma-separated, e.g. cpu,opencl (default: --backend, "
+                                                        "else each node's own)")
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float):
   g = p.add_argument_group("sampling")
@@ -36,17 +45,27 @@ def check_args(args):
   """Refuse options out of range before anything is read or loaded (api.load checks the dtype and the memory the
   context needs, from the config alone)."""
   sampling_from(args)
-  for flag, value, low in (("--max-new-tokens", args.max_new_tokens, 1), ("--max-context", args.max_context, 1), ("--devices", args.devices, 1)):
+  for flag, value, low in (("--max-new-tokens", args.max_new_tokens, 1), ("--max-context", args.max_context, 1), ("--devices", args.devices, 1),
+                           ("--stages", args.stages, 1)):
     if value is not None and value < low: raise InvalidArgumentError(f"{flag} must be >= {low}, but is {value}")
 
-def load_model(args):
-  from tg_llama.api import load
+def load_model(args, slots: int = 1):
   from tg_llama.assets import resolve_model
   path = resolve_model(args.model)
   start = time.perf_counter()
-  model = load(path, backend=args.backend, dtype=args.dtype, max_context=args.max_context, progress=True, devices=args.devices,
-               quantize=args.quantize)
-  print(f"loaded {path.name} on {model.backend.device} ({model.dtype.name}) in {time.perf_counter() - start:.1f} s", file=sys.stderr)
+  if args.stages is not None or args.layers is not None or args.cluster is not None:
+    if args.devices != 1: raise InvalidArgumentError("--devices splits one process's model; with --stages each stage runs on one device")
+    from tg_llama.cluster import load
+    split = lambda v: [x.strip() for x in v.split(",")] if v else None
+    model = load(args.model, stages=args.stages if args.stages is not None or args.layers else 1, layers=args.layers, nodes=split(args.nodes),
+                 backends=split(args.stage_backends), address=args.cluster, backend=args.backend, dtype=args.dtype,
+                 max_context=args.max_context, slots=slots, quantize=args.quantize, progress=True)
+  else:
+    from tg_llama.api import load
+    model = load(path, backend=args.backend, dtype=args.dtype, max_context=args.max_context, progress=True, devices=args.devices,
+                 quantize=args.quantize, slots=slots)
+  print(f"loaded {path.name} on {model.device} ({model.dtype.name}{f', {slots} slots' if slots > 1 else ''}) in "
+        f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
   return model
 
 def warm_up(model):
@@ -54,7 +73,7 @@ def warm_up(model):
   on disk afterwards)."""
   start = time.perf_counter()
   print("compiling kernels (fast after the first run on this backend)...", end="", file=sys.stderr, flush=True)
-  loaded = model.graphs.load() if model.graphs is not None else ()
+  loaded = model.graphs.load() if model.graphs is not None else getattr(model.runner, "graphs_loaded", lambda: ())()
   # a 2-token prompt runs as a step of 2 rows, then steps of 1. TinyJit runs a function, then captures it; graphs loaded
   # from disk replay at once, and one run sets up their kernels. Each run's prompt starts with another token: the same
   # prompt again would reuse the slot's prefix and run as 1 row, and the 2-row graph would never be captured (nor saved).
@@ -109,23 +128,17 @@ def cmd_generate(args) -> int:
 
 def cmd_serve(args) -> int:
   import os
-  for flag, value, low in (("--max-context", args.max_context, 1), ("--devices", args.devices, 1), ("--slots", args.slots, 1),
+  for flag, value, low in (("--max-context", args.max_context, 1), ("--devices", args.devices, 1), ("--slots", args.slots, 1), ("--stages", args.stages, 1),
                            ("--port", args.port, 0), ("--max-waiting", args.max_waiting, 0)):
     if value is not None and value < low: raise InvalidArgumentError(f"{flag} must be >= {low}, but is {value}")
   try: from tg_llama.serve.server import run
   except ImportError as e:
     raise TgLlamaError(f"tg-llama serve needs FastAPI and uvicorn ({e.name} is missing): pip install 'tg-llama[serve]'") from None
-  from tg_llama.api import load
-  from tg_llama.assets import resolve_model
-  path = resolve_model(args.model)
-  start = time.perf_counter()
-  model = load(path, backend=args.backend, dtype=args.dtype, max_context=args.max_context, progress=True, devices=args.devices,
-               quantize=args.quantize, slots=args.slots)
-  print(f"loaded {path.name} on {model.backend.device} ({model.dtype.name}, {args.slots} slots) in {time.perf_counter() - start:.1f} s",
-        file=sys.stderr)
+  model = load_model(args, args.slots)
   model.engine.max_waiting = args.max_waiting
   warm_up(model)
   warm_up_batches(model, args.slots)
+  path = model.checkpoint.path
   model_id = args.model_id or (path.stem if path.is_file() else path.name)
   return run(model, args.host, args.port, model_id, args.api_key or os.environ.get("TG_LLAMA_API_KEY") or None)
 

@@ -1,12 +1,14 @@
 """LlamaConfig: the hyperparameters of a Llama-architecture model, with one constructor per source
 (HF config.json, Meta params.json, GGUF metadata) and presets for the published sizes.
 
-Not here: anything about weights or files beyond the config dicts; architectures that are not Llama
-(biases, MoE, sliding-window-only attention, other norms) are refused, never approximated."""
+Not here: anything about weights or files beyond the config dicts; architectures that are not of the Llama family
+(biases, sliding-window-only attention, other norms) are refused, never approximated. Which family member a config
+runs is `arch`, a module of tg_llama/models/ (its tables map the checkpoints' names for it)."""
 from __future__ import annotations
 import math
 from dataclasses import dataclass, field, replace
 from tg_llama.errors import CheckpointError, UnsupportedModelError
+from tg_llama.models import GGUF_ARCHS, HF_TYPES
 
 @dataclass(frozen=True)
 class Llama3RopeScaling:
@@ -25,6 +27,9 @@ class LlamaConfig:
   vocab_size: int
   n_kv_heads: int = 0      # 0: same as n_heads (MHA); fewer: GQA; 1: MQA
   head_dim: int = 0        # 0: dim // n_heads
+  n_experts: int = 0       # a sparse mixture of this many SwiGLU experts in place of the feed-forward (Mixtral); 0: dense
+  n_active_experts: int = 0  # the experts each token is routed to
+  arch: str = "llama"      # the module of tg_llama/models/ that runs it
   norm_eps: float = 1e-5
   rope_theta: float = 10000.0
   rope_scaling: Llama3RopeScaling | None = None
@@ -39,6 +44,10 @@ class LlamaConfig:
     if self.head_dim == 0: object.__setattr__(self, "head_dim", self.dim // self.n_heads)
     if self.n_heads % self.n_kv_heads: raise UnsupportedModelError(f"n_heads={self.n_heads} is not a multiple of n_kv_heads={self.n_kv_heads}")
     if self.head_dim % 2: raise UnsupportedModelError(f"head_dim={self.head_dim} must be even for RoPE")
+    if self.arch not in {*HF_TYPES.values(), *GGUF_ARCHS.values()}: raise UnsupportedModelError(f"unknown architecture {self.arch!r}")
+    if self.n_experts > MAX_EXPERTS: raise UnsupportedModelError(f"{self.n_experts} experts (at most {MAX_EXPERTS} are run)")
+    if self.n_active_experts > self.n_experts or bool(self.n_experts) != bool(self.n_active_experts):
+      raise UnsupportedModelError(f"{self.n_active_experts} active experts of {self.n_experts}: need 0 < active <= experts, or both 0")
 
   def with_max_context(self, max_context: int | None) -> LlamaConfig:
     return self if max_context is None else replace(self, max_context=max_context)
@@ -72,9 +81,9 @@ class LlamaConfig:
   def from_hf(cfg: dict, src: str = "config.json") -> LlamaConfig:
     _check_dict(cfg, src)
     model_type = cfg.get("model_type", "")
-    if not isinstance(model_type, str) or model_type not in HF_LLAMA_TYPES:
+    if not isinstance(model_type, str) or model_type not in HF_TYPES:
       raise UnsupportedModelError(f"{src}: unsupported architecture {_short(model_type or cfg.get('architectures'))}: tg-llama runs "
-                                  f"Llama-architecture models ({', '.join(sorted(HF_LLAMA_TYPES))})")
+                                  f"Llama-family models ({', '.join(sorted(HF_TYPES))})")
     for key in ("attention_bias", "mlp_bias"):
       if cfg.get(key): raise UnsupportedModelError(f"{src}: {model_type} with {key}=true is not a Llama architecture tg-llama runs")
     if cfg.get("hidden_act", "silu") != "silu":
@@ -84,11 +93,13 @@ class LlamaConfig:
     theta = number(rope, "rope_theta", src, float, number(cfg, "rope_theta", src, float, 10000.0))
     scaling = rope if rope.get("rope_type", "default") != "default" else _check_dict(cfg.get("rope_scaling") or {}, src, "rope_scaling")
     max_context = number(cfg, "max_position_embeddings", src, default=4096)
-    if model_type == "mistral" and (window := number(cfg, "sliding_window", src, default=0)): max_context = min(max_context, window)
+    if model_type in ("mistral", "mixtral") and (window := number(cfg, "sliding_window", src, default=0)): max_context = min(max_context, window)
     n_heads = number(cfg, "num_attention_heads", src)
+    experts = number(cfg, "num_local_experts", src) if model_type == "mixtral" else 0
     return _make(src, dim=number(cfg, "hidden_size", src), n_layers=number(cfg, "num_hidden_layers", src), n_heads=n_heads,
                  n_kv_heads=number(cfg, "num_key_value_heads", src, default=n_heads), head_dim=number(cfg, "head_dim", src, default=0),
                  hidden_dim=number(cfg, "intermediate_size", src), vocab_size=number(cfg, "vocab_size", src),
+                 n_experts=experts, n_active_experts=number(cfg, "num_experts_per_tok", src) if experts else 0, arch=HF_TYPES[model_type],
                  norm_eps=number(cfg, "rms_norm_eps", src, float, 1e-6), rope_theta=theta, rope_scaling=_hf_rope_scaling(scaling, src),
                  tie_embeddings=flag(cfg, "tie_word_embeddings", src), max_context=max_context,
                  bos_id=number(cfg, "bos_token_id", src, default=None, minimum=0), eos_ids=token_ids(cfg.get("eos_token_id"), src, "eos_token_id"))
@@ -117,29 +128,33 @@ class LlamaConfig:
 
   @staticmethod
   def from_gguf(kv: dict, rope_freq_factors: tuple[float, ...] | None = None, src: str = "GGUF metadata") -> LlamaConfig:
-    arch = kv.get("general.architecture")
-    if arch != "llama": raise UnsupportedModelError(f"{src}: unsupported GGUF architecture {_short(arch)}: tg-llama runs 'llama' models")
-    if number(kv, "llama.expert_count", src, default=0, minimum=0):
-      raise UnsupportedModelError(f"{src}: GGUF llama with experts (a MoE) is not supported")
-    n_heads, dim = number(kv, "llama.attention.head_count", src), number(kv, "llama.embedding_length", src)
-    head_dim = number(kv, "llama.attention.key_length", src, default=dim // n_heads)
-    if number(kv, "llama.rope.dimension_count", src, default=head_dim) != head_dim:
+    name = kv.get("general.architecture")
+    if not isinstance(name, str) or name not in GGUF_ARCHS:
+      raise UnsupportedModelError(f"{src}: unsupported GGUF architecture {_short(name)}: tg-llama runs {', '.join(map(repr, GGUF_ARCHS))} models")
+    key = lambda k: f"{name}.{k}"
+    # llama.cpp writes Mixtral as a "llama" with experts
+    experts = number(kv, key("expert_count"), src, default=0, minimum=0)
+    arch = "mixtral" if experts and GGUF_ARCHS[name] == "llama" else GGUF_ARCHS[name]
+    n_heads, dim = number(kv, key("attention.head_count"), src), number(kv, key("embedding_length"), src)
+    head_dim = number(kv, key("attention.key_length"), src, default=dim // n_heads)
+    if number(kv, key("rope.dimension_count"), src, default=head_dim) != head_dim:
       raise UnsupportedModelError(f"{src}: partial rotary embeddings are not supported")
     tokens = kv.get("tokenizer.ggml.tokens", [])
     if not isinstance(tokens, list): raise CheckpointError(f"{src}: tokenizer.ggml.tokens must be an array, got {type(tokens).__name__}")
-    if not (vocab := number(kv, "llama.vocab_size", src, default=len(tokens))):
-      raise CheckpointError(f"{src}: no llama.vocab_size and no tokenizer.ggml.tokens")
+    if not (vocab := number(kv, key("vocab_size"), src, default=len(tokens))):
+      raise CheckpointError(f"{src}: no {key('vocab_size')} and no tokenizer.ggml.tokens")
     if rope_freq_factors is not None:
       if len(rope_freq_factors) != head_dim // 2:
         raise CheckpointError(f"{src}: rope_freqs.weight has {len(rope_freq_factors)} factors, head_dim {head_dim} needs {head_dim // 2}")
       if not all(math.isfinite(f) and f > 0 for f in rope_freq_factors):
         raise CheckpointError(f"{src}: rope_freqs.weight holds a factor that is not finite and positive")
-    return _make(src, dim=dim, n_layers=number(kv, "llama.block_count", src), n_heads=n_heads,
-                 n_kv_heads=number(kv, "llama.attention.head_count_kv", src, default=n_heads), head_dim=head_dim,
-                 hidden_dim=number(kv, "llama.feed_forward_length", src), vocab_size=vocab,
-                 norm_eps=number(kv, "llama.attention.layer_norm_rms_epsilon", src, float, 1e-5),
-                 rope_theta=number(kv, "llama.rope.freq_base", src, float, 10000.0), rope_freq_factors=rope_freq_factors,
-                 max_context=number(kv, "llama.context_length", src, default=4096),
+    return _make(src, dim=dim, n_layers=number(kv, key("block_count"), src), n_heads=n_heads,
+                 n_kv_heads=number(kv, key("attention.head_count_kv"), src, default=n_heads), head_dim=head_dim,
+                 hidden_dim=number(kv, key("feed_forward_length"), src), vocab_size=vocab, arch=arch,
+                 n_experts=experts, n_active_experts=number(kv, key("expert_used_count"), src) if experts else 0,
+                 norm_eps=number(kv, key("attention.layer_norm_rms_epsilon"), src, float, 1e-5),
+                 rope_theta=number(kv, key("rope.freq_base"), src, float, 10000.0), rope_freq_factors=rope_freq_factors,
+                 max_context=number(kv, key("context_length"), src, default=4096),
                  bos_id=number(kv, "tokenizer.ggml.bos_token_id", src, default=None, minimum=0),
                  eos_ids=token_ids(kv.get("tokenizer.ggml.eos_token_id"), src, "tokenizer.ggml.eos_token_id"))
 
@@ -150,7 +165,9 @@ class LlamaConfig:
 
   def to_hf(self) -> dict:
     """config.json as transformers writes it (so a converted checkpoint also loads in transformers)."""
-    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": self.dim, "num_hidden_layers": self.n_layers,
+    from tg_llama.models import module  # the architecture's module imports this one
+    hf_class, model_type = module(self.arch).HF_CLASS
+    cfg = {"architectures": [hf_class], "model_type": model_type, "hidden_size": self.dim, "num_hidden_layers": self.n_layers,
            "num_attention_heads": self.n_heads, "num_key_value_heads": self.n_kv_heads, "head_dim": self.head_dim,
            "intermediate_size": self.hidden_dim, "vocab_size": self.vocab_size, "rms_norm_eps": self.norm_eps, "rope_theta": self.rope_theta,
            "tie_word_embeddings": self.tie_embeddings, "max_position_embeddings": self.max_context, "hidden_act": "silu",
@@ -160,10 +177,11 @@ class LlamaConfig:
       s = self.rope_scaling
       cfg["rope_scaling"] = {"rope_type": "llama3", "factor": s.factor, "low_freq_factor": s.low_freq_factor,
                              "high_freq_factor": s.high_freq_factor, "original_max_position_embeddings": s.original_max_context}
+    if self.n_experts: cfg.update(num_local_experts=self.n_experts, num_experts_per_tok=self.n_active_experts)
     if self.rope_freq_factors is not None: cfg["tg_llama_rope_freq_factors"] = list(self.rope_freq_factors)
     return cfg
 
-HF_LLAMA_TYPES = {"llama", "mistral"}
+MAX_EXPERTS = 1 << 12  # DeepSeek-V3 has 256: a larger count is a corrupt file, not a model
 
 def _hf_rope_scaling(s: dict, src: str) -> Llama3RopeScaling | None:
   kind = s.get("rope_type", s.get("type", "default")) if s else "default"
@@ -227,4 +245,6 @@ PRESETS: dict[str, LlamaConfig] = {
   "llama-3.1-8b": _llama3(4096, 32, 32, 14336, scaled=True), "llama-3.1-70b": _llama3(8192, 80, 64, 28672, scaled=True),
   "llama-3.1-405b": _llama3(16384, 126, 128, 53248, scaled=True),
   "llama-3.2-1b": _llama3(2048, 16, 32, 8192, scaled=True, tied=True), "llama-3.2-3b": _llama3(3072, 28, 24, 8192, scaled=True, tied=True),
+  "mixtral-8x7b": LlamaConfig(dim=4096, n_layers=32, n_heads=32, n_kv_heads=8, hidden_dim=14336, vocab_size=32000, n_experts=8,
+                              n_active_experts=2, arch="mixtral", norm_eps=1e-5, rope_theta=1e6, max_context=32768, bos_id=1, eos_ids=(2,)),
 }

@@ -1,11 +1,13 @@
-"""The one place that maps every format's tensor names and rotary layout onto the model's canonical ones.
+"""The loader: opens a checkpoint of any format and maps its tensors onto the model's canonical names and layout, with
+the name tables and fix-ups of the architecture module the config names (tg_llama/models/); and the writer of that layout.
 
-Canonical = Hugging Face's LlamaForCausalLM names and its half-split RoPE layout (the cheapest to
-compute). Meta's and llama.cpp's q/k weights use the interleaved layout and are permuted at load;
-a converted checkpoint is therefore a plain HF directory that transformers loads too."""
+Canonical = Hugging Face's names and its half-split RoPE layout (the cheapest to compute), a mixture's experts stacked
+(experts, out, in) as llama.cpp stores them. Meta's and llama.cpp's q/k weights use the interleaved layout and are
+permuted at load; a GGUF's quantized blocks can be read as stored (Checkpoint.blocks), fixed up alike. A converted
+checkpoint is a plain HF directory that transformers loads too."""
 from __future__ import annotations
 import contextlib, json, mmap, os, pathlib, re, shutil, struct, tempfile
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from typing import Callable
 import numpy as np
 from tinygrad import Device, Tensor, dtypes
@@ -13,40 +15,28 @@ from tinygrad.dtype import DType
 from tg_llama.config import LlamaConfig
 from tg_llama.errors import CheckpointError, TgLlamaError, UnsupportedModelError
 from tg_llama.formats import gguf, hf, meta
+from tg_llama import models
 
-# canonical per-layer suffix -> (GGUF suffix, Meta suffix)
-LAYER_NAMES = {
-  "input_layernorm.weight": ("attn_norm.weight", "attention_norm.weight"),
-  "self_attn.q_proj.weight": ("attn_q.weight", "attention.wq.weight"),
-  "self_attn.k_proj.weight": ("attn_k.weight", "attention.wk.weight"),
-  "self_attn.v_proj.weight": ("attn_v.weight", "attention.wv.weight"),
-  "self_attn.o_proj.weight": ("attn_output.weight", "attention.wo.weight"),
-  "post_attention_layernorm.weight": ("ffn_norm.weight", "ffn_norm.weight"),
-  "mlp.gate_proj.weight": ("ffn_gate.weight", "feed_forward.w1.weight"),
-  "mlp.up_proj.weight": ("ffn_up.weight", "feed_forward.w3.weight"),
-  "mlp.down_proj.weight": ("ffn_down.weight", "feed_forward.w2.weight"),
-}
-GLOBAL_NAMES = {"model.embed_tokens.weight": ("token_embd.weight", "tok_embeddings.weight"),
-                "model.norm.weight": ("output_norm.weight", "norm.weight"), "lm_head.weight": ("output.weight", "output.weight")}
 # in the source but not weights of the model: RoPE tables that the config already describes
 IGNORED = re.compile(r"(rope\.freqs|rope_freqs\.weight|.*rotary_emb\.inv_freq)$")
 
 def canonical_shapes(config: LlamaConfig, start_layer: int = 0, end_layer: int | None = None) -> dict[str, tuple[int, ...]]:
   c, end_layer = config, config.n_layers if end_layer is None else end_layer
-  q, kv = c.n_heads * c.head_dim, c.n_kv_heads * c.head_dim
-  per_layer = {"input_layernorm.weight": (c.dim,), "self_attn.q_proj.weight": (q, c.dim), "self_attn.k_proj.weight": (kv, c.dim),
-               "self_attn.v_proj.weight": (kv, c.dim), "self_attn.o_proj.weight": (c.dim, q), "post_attention_layernorm.weight": (c.dim,),
-               "mlp.gate_proj.weight": (c.hidden_dim, c.dim), "mlp.up_proj.weight": (c.hidden_dim, c.dim), "mlp.down_proj.weight": (c.dim, c.hidden_dim)}
+  per_layer = models.module(c.arch).layer_shapes(c)
   out = {"model.embed_tokens.weight": (c.vocab_size, c.dim)} if start_layer == 0 else {}
   out.update({f"model.layers.{i}.{k}": v for i in range(start_layer, end_layer) for k, v in per_layer.items()})
   if end_layer == c.n_layers: out.update({"model.norm.weight": (c.dim,), "lm_head.weight": (c.vocab_size, c.dim)})
   return out
 
-def interleaved_to_half_split(w: Tensor, n_heads: int) -> Tensor:
-  """Meta and llama.cpp store each head's rotary pairs interleaved (x0,y0,x1,y1..); HF, and we, store
-  them half-split (x0,x1..,y0,y1..). Without this the model diverges after a few tokens."""
-  out_dim, in_dim = w.shape
-  return w.reshape(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+def source_names(config: LlamaConfig, fmt: str) -> dict[str, list[str]]:
+  """Each canonical tensor name -> the names it is read from in format `fmt` (the architecture's tables; several are
+  stacked on a new first axis)."""
+  arch, prefix = models.module(config.arch), models.LAYER_PREFIX[fmt]
+  out = {canonical: [canonical if fmt == "hf" else names[("gguf", "meta").index(fmt)]] for canonical, names in arch.GLOBAL_NAMES.items()}
+  per_layer = arch.layer_sources(config, fmt)
+  for i in range(config.n_layers):
+    out.update({f"model.layers.{i}.{k}": [f"{prefix}.{i}.{n}" for n in names] for k, names in per_layer.items()})
+  return out
 
 @dataclass
 class Checkpoint:
@@ -58,6 +48,8 @@ class Checkpoint:
   shapes: dict[str, tuple[int, ...]]              # canonical name -> shape, known without reading any data
   metadata: dict                                  # the source's own config dict / GGUF key-values
   raw_dtypes: dict[str, str]                      # canonical name -> the stored dtype or quant type
+  blocks: dict[str, Callable[[str], Tensor]] = field(default_factory=dict)  # GGUF: canonical name -> (device -> raw
+                                                  # blocks, uint8 (..., rows, bytes per row), fixed up as the tensor is)
 
 def detect_format(path: pathlib.Path) -> str:
   if not path.exists(): raise CheckpointError(f"{path}: no such file or directory")
@@ -88,13 +80,24 @@ def _open_hf(path: pathlib.Path) -> Checkpoint:
   cfg, raw = hf.read_hf(path)
   config = LlamaConfig.from_hf(cfg, str(path / "config.json"))
   names = {n for n in raw if not IGNORED.match(n)}
-  _check_layer_count(path / "config.json", "num_hidden_layers", config, len(names))
+  _check_layer_count(path / "config.json", "num_hidden_layers", config, len(names), "hf")
   _check_float(path, {n: raw[n].dtype for n in names})
   if "lm_head.weight" not in names and "model.embed_tokens.weight" in names:
     # transformers would make up a random output head here; a checkpoint that is tied says so
     if not config.tie_embeddings: raise CheckpointError(f"{path}: missing tensor lm_head.weight, and config.json's tie_word_embeddings is not true")
-  tensors = {n: (lambda dev, t=raw[n]: to_device(t, dev)) for n in names}
-  shapes, raw_dtypes = {n: tuple(raw[n].shape) for n in names}, {n: raw[n].dtype.name for n in names}
+  tensors, shapes, raw_dtypes, read = {}, {}, {}, set()
+  for name, srcs in source_names(config, "hf").items():
+    if not (present := [n for n in srcs if n in names]): continue  # check_weights names what is missing
+    if len(present) < len(srcs): raise CheckpointError(f"{path}: missing tensor {next(n for n in srcs if n not in names)}")
+    parts = [raw[n] for n in srcs]
+    if len(parts) > 1 and any(p.shape != parts[0].shape or p.dtype != parts[0].dtype for p in parts):
+      raise CheckpointError(f"{path}: the tensors {srcs[0]}..{srcs[-1]} that make {name} differ in shape or dtype")
+    tensors[name] = (lambda dev, t=parts[0]: to_device(t, dev)) if len(parts) == 1 else \
+                    (lambda dev, parts=parts: Tensor.stack(*[to_device(t, dev) for t in parts]))
+    shapes[name] = tuple(parts[0].shape) if len(parts) == 1 else (len(parts), *parts[0].shape)
+    raw_dtypes[name], read = parts[0].dtype.name, read | set(srcs)
+  for n in names - read:  # under their own names: check_weights refuses them
+    tensors[n], shapes[n], raw_dtypes[n] = (lambda dev, t=raw[n]: to_device(t, dev)), tuple(raw[n].shape), raw[n].dtype.name
   if config.tie_embeddings and "model.embed_tokens.weight" in raw: _tie(tensors, shapes, raw_dtypes)
   return Checkpoint(path, "hf", config, tensors, shapes, cfg, raw_dtypes)
 
@@ -112,17 +115,16 @@ def _open_meta(path: pathlib.Path) -> Checkpoint:
     if any(len(s["output.weight"].shape) != 2 for s in shards): raise CheckpointError(f"{path}: output.weight is not a matrix")
     vocab = sum(s["output.weight"].shape[0] for s in shards)
   config = LlamaConfig.from_meta(params, vocab_size=vocab, src=str(path / "params.json"))
-  _check_layer_count(path / "params.json", "n_layers", config, len(names))
+  _check_layer_count(path / "params.json", "n_layers", config, len(names), "meta")
   _check_float(path, {n: shards[0][n].dtype for n in names})
   expected = canonical_shapes(config)
-  to_canonical = _name_map(config.n_layers, index=1)
+  to_canonical = {srcs[0]: name for name, srcs in source_names(config, "meta").items()}
   tensors, shapes, raw_dtypes = {}, {}, {}
   for src in names:
     if src not in to_canonical: raise CheckpointError(f"{path}: unexpected tensor {src} for a Llama checkpoint")
     name, parts = to_canonical[src], [s[src] for s in shards]
     axis = _shard_axis(parts, expected[name], f"{path}/{src}")
-    permute = config.n_heads if name.endswith("q_proj.weight") else config.n_kv_heads if name.endswith("k_proj.weight") else 0
-    tensors[name] = lambda dev, parts=parts, axis=axis, permute=permute: _concat_permute(parts, axis, permute, dev)
+    tensors[name] = lambda dev, name=name, parts=parts, axis=axis: _sanitize(config, "meta", name, _concat(parts, axis, dev))
     shapes[name] = tuple(sum(p.shape[a] for p in parts) if a == axis else d for a, d in enumerate(parts[0].shape))
     raw_dtypes[name] = parts[0].dtype.name
   return Checkpoint(path, "meta", config, tensors, shapes, params, raw_dtypes)
@@ -136,26 +138,31 @@ def _open_gguf(path: pathlib.Path) -> Checkpoint:
     if len(rope.shape) != 1 or rope.shape[0] > MAX_ROPE_FACTORS: raise CheckpointError(f"{path}: rope_freqs.weight has shape {rope.shape}")
     factors = tuple(float(x) for x in gguf.load_tensor(disk, rope, "CPU").tolist())
   config = LlamaConfig.from_gguf(kv, factors, src=str(path))
-  _check_layer_count(path, "llama.block_count", config, sum(not IGNORED.match(n) for n in infos))
-  to_canonical = _name_map(config.n_layers, index=0)
-  tensors, shapes, raw_dtypes = {}, {}, {}
+  _check_layer_count(path, f"{kv['general.architecture']}.block_count", config, sum(not IGNORED.match(n) for n in infos), "gguf")
+  to_canonical = {srcs[0]: name for name, srcs in source_names(config, "gguf").items()}
+  tensors, shapes, raw_dtypes, blocks = {}, {}, {}, {}
   for src, info in infos.items():
     if IGNORED.match(src): continue
-    if src not in to_canonical: raise CheckpointError(f"{path}: unexpected tensor {src} for a Llama model")
+    if src not in to_canonical: raise CheckpointError(f"{path}: unexpected tensor {src} for a {config.arch} model")
     name = to_canonical[src]
-    permute = config.n_heads if name.endswith("q_proj.weight") else config.n_kv_heads if name.endswith("k_proj.weight") else 0
-    tensors[name] = lambda dev, info=info, permute=permute: _maybe_permute(gguf.load_tensor(disk, info, dev), permute)
+    tensors[name] = lambda dev, name=name, info=info: _sanitize(config, "gguf", name, gguf.load_tensor(disk, info, dev))
+    blocks[name] = lambda dev, name=name, info=info: _sanitize(config, "gguf", name, _raw_rows(disk, info, dev))
     shapes[name], raw_dtypes[name] = info.shape, gguf.ggml_type_name(info.ggml_type)
   if "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors:  # GGUF has no flag: llama.cpp ties a missing output
     config = _tied(config)
-    _tie(tensors, shapes, raw_dtypes)
-  return Checkpoint(path, "gguf", config, tensors, shapes, kv, raw_dtypes)
+    _tie(tensors, shapes, raw_dtypes, blocks)
+  return Checkpoint(path, "gguf", config, tensors, shapes, kv, raw_dtypes, blocks)
 
-def _check_layer_count(src: pathlib.Path, key: str, config: LlamaConfig, n_tensors: int):
+def _raw_rows(disk: Tensor, info: gguf.GGUFTensorInfo, device: str) -> Tensor:
+  """A GGUF tensor's bytes as stored, on `device`: uint8 (..., rows, bytes per row)."""
+  return disk[info.offset:info.offset + info.nbytes].to(device).reshape(*info.shape[:-1], -1)
+
+def _check_layer_count(src: pathlib.Path, key: str, config: LlamaConfig, n_tensors: int, fmt: str):
   """Before anything loops over the layers: a count the file's tensors cannot fill is refused (10**12 layers would hang)."""
-  if config.n_layers * len(LAYER_NAMES) > n_tensors:
+  per_layer = sum(map(len, models.module(config.arch).layer_sources(config, fmt).values()))
+  if config.n_layers * per_layer > n_tensors:
     raise CheckpointError(f"{src}: {key} is {config.n_layers}, but the checkpoint holds only {n_tensors} tensors "
-                          f"({len(LAYER_NAMES)} per layer): the config contradicts the weights")
+                          f"({per_layer} per layer): the config contradicts the weights")
 
 def _check_float(path: pathlib.Path, stored: dict[str, DType]):
   for name, dtype in stored.items():
@@ -167,13 +174,6 @@ def _tie(*tables: dict):
   """Tied embeddings: the output head reads the embedding's tensor."""
   for table in tables: table["lm_head.weight"] = table["model.embed_tokens.weight"]
 
-def _name_map(n_layers: int, index: int) -> dict[str, str]:
-  out = {names[index]: canonical for canonical, names in GLOBAL_NAMES.items()}
-  prefix = "blk" if index == 0 else "layers"
-  for i in range(n_layers):
-    out.update({f"{prefix}.{i}.{names[index]}": f"model.layers.{i}.{canonical}" for canonical, names in LAYER_NAMES.items()})
-  return out
-
 def _shard_axis(parts: list[Tensor], full: tuple[int, ...], where: str) -> int | None:
   """Meta splits each weight across model-parallel ranks on its own axis (and replicates the norms)."""
   shape = parts[0].shape
@@ -184,17 +184,16 @@ def _shard_axis(parts: list[Tensor], full: tuple[int, ...], where: str) -> int |
     if shape[axis] * len(parts) == full[axis] and all(s == f for a, (s, f) in enumerate(zip(shape, full)) if a != axis): return axis
   raise CheckpointError(f"{where}: {len(parts)} shards of shape {tuple(shape)} do not make the config's shape {full}")
 
-def _concat_permute(parts: list[Tensor], axis: int | None, permute: int, device: str) -> Tensor:
-  w = to_device(parts[0], device) if axis is None else Tensor.cat(*[to_device(p, device) for p in parts], dim=axis)
-  return _maybe_permute(w, permute)
+def _concat(parts: list[Tensor], axis: int | None, device: str) -> Tensor:
+  return to_device(parts[0], device) if axis is None else Tensor.cat(*[to_device(p, device) for p in parts], dim=axis)
+
+def _sanitize(config: LlamaConfig, fmt: str, name: str, w: Tensor) -> Tensor: return models.module(config.arch).sanitize(config, fmt, name, w)
 
 def to_device(t: Tensor, device: str) -> Tensor:
   """A disk tensor onto the device; bfloat16 widened to float32 there by moving bits, which every backend can
   do (clang's CPU target has no __bf16, so a bfloat16 tensor must never reach a CPU kernel)."""
   if t.dtype != dtypes.bfloat16: return t.to(device)
   return t.bitcast(dtypes.uint16).to(device).cast(dtypes.uint32).lshift(16).bitcast(dtypes.float32)
-
-def _maybe_permute(w: Tensor, n_heads: int) -> Tensor: return interleaved_to_half_split(w, n_heads) if n_heads else w
 
 def release_file_pages():
   """Drop the pages of memory-mapped checkpoint files from this process's resident memory, once their tensors sit on
@@ -249,8 +248,12 @@ def convert_checkpoint(src: str | pathlib.Path, dst: str | pathlib.Path, dtype: 
   tmp = pathlib.Path(tempfile.mkdtemp(prefix=f".{target.name}.converting-", dir=target.parent))
   try:
     os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp's folder is 0700; the result gets the mode mkdir would give it
-    names = [n for n in canonical_shapes(ckpt.config) if not (n == "lm_head.weight" and ckpt.config.tie_embeddings)]
-    save_safetensors({n: ckpt.tensors[n](device).cast(dtype) for n in names}, tmp / "model.safetensors", on_tensor)
+    out = {}
+    for name, srcs in source_names(ckpt.config, "hf").items():  # a stacked tensor is written back a slice per source
+      if name == "lm_head.weight" and ckpt.config.tie_embeddings: continue
+      t = ckpt.tensors[name](device).cast(dtype)
+      out.update({srcs[0]: t} if len(srcs) == 1 else {src: t[i] for i, src in enumerate(srcs)})
+    save_safetensors(out, tmp / "model.safetensors", on_tensor)
     (tmp / "config.json").write_text(json.dumps(ckpt.config.to_hf(), indent=2))
     copy_tokenizer(ckpt, tmp)
     _move_into_place(tmp, target)

@@ -4,8 +4,10 @@ q/k/v/gate/up are split on their output axis and o/down on their input axis, so 
 n_heads/n query heads, n_kv_heads/n key-value heads (and that slice of every block's KV cache) and
 hidden_dim/n of the feed-forward; o/down end in a partial sum that tinygrad all-reduces. The embedding and
 the output head are split on the vocabulary when it divides (a tied pair stays one tensor), else copied to
-every device, like the norms and the RoPE tables. The model code is the same for one device and for many:
-tinygrad's multi-device tensors place the all-reduces.
+every device, like the norms and the RoPE tables. A mixture of experts (Mixtral) splits the same way inside each expert:
+w1/w3 (experts, hidden, dim) on their hidden axis, w2 (experts, dim, hidden) on its own, the router copied; every
+device holds every expert's slice, so routing needs no communication. The model code is the same for one device and
+for many: tinygrad's multi-device tensors place the all-reduces.
 
 Inputs go to every device first (`place_input`): tinygrad 0.14 does not broadcast a one-device tensor into
 a multi-device op, it fails with "all buffers must have the same device". The model's output is then on
@@ -17,10 +19,10 @@ from __future__ import annotations
 from tinygrad import Tensor
 from tg_llama.config import LlamaConfig
 from tg_llama.errors import UnsupportedModelError
-from tg_llama.model import Llama
+from tg_llama.models.llama import Llama
 
-# which axis of each linear's (out, in) weight is split: 0 column-parallel, 1 row-parallel
-LINEAR_AXES = {"q_proj": 0, "k_proj": 0, "v_proj": 0, "gate_proj": 0, "up_proj": 0, "o_proj": 1, "down_proj": 1}
+# which axis of each linear's (out, in) weight is split: 0 column-parallel, 1 row-parallel; experts' (experts, out, in) alike
+LINEAR_AXES = {"q_proj": 0, "k_proj": 0, "v_proj": 0, "gate_proj": 0, "up_proj": 0, "o_proj": 1, "down_proj": 1, "w1": 1, "w3": 1, "w2": 2}
 
 def devices_for(device: str, n: int) -> tuple[str, ...]:
   """n devices of one backend, from `device`'s index on: ("CUDA", 2) -> ("CUDA:0", "CUDA:1")."""

@@ -4,6 +4,8 @@ that swaps them into a loaded Llama.
   Int8Linear   int8 weights, symmetric, one float scale per output row (or per block of `group_size`, GGUF's Q8_0)
   Int4Linear   4-bit weights in blocks of `group_size`, asymmetric (scale and min per block), two per byte in
                GGUF Q4_1's order: byte j of a block holds element j (low nibble) and element j+group/2 (high)
+  Int8Experts, Int4Experts   the same layouts with a leading experts axis (a mixture's stacked experts,
+               tg_llama/linear.py's Experts): a decode step reads only the routed experts' blocks
 
 GGUF's Q8_0, Q4_0 and Q4_1 blocks map onto these layouts exactly (Q4_0 is Q4_1 with min = -8*scale), so
 mode "gguf" keeps a GGUF file's weights as stored: bit for bit the same values, decoded inside the matmul.
@@ -24,10 +26,8 @@ checkpoints (`quantize_model` returns the dict to record in their config)."""
 from __future__ import annotations
 from typing import Callable
 from tinygrad import Tensor, dtypes, nn
-from tg_llama.convert import LAYER_NAMES, interleaved_to_half_split
 from tg_llama.errors import UnsupportedModelError
-from tg_llama.formats import gguf
-from tg_llama.linear import Linear, lanes_matvec, matvec_rows
+from tg_llama.linear import Experts, Linear, experts_matmul, lanes_matvec, matvec_rows
 
 MODES = ("none", "int8", "int4", "gguf")
 
@@ -94,6 +94,46 @@ class Int4Linear:
     q = ((blocks - mn.unsqueeze(-1)) / scale.unsqueeze(-1)).round().clip(0, 15).cast(dtypes.uint8)
     return {"weight": q[..., :group_size // 2].bitwise_or(q[..., group_size // 2:].lshift(4)), "scale": scale, "min": mn}
 
+class _Experts:
+  """A quantized layer's parameters with a leading experts axis, called as tg_llama/linear.py's Experts: indexed by the
+  routed experts first, so only their blocks are read, then decoded as the 2-D layer decodes them."""
+  def __call__(self, x: Tensor, sel: Tensor | None = None) -> Tensor:
+    params = {name: t if sel is None else t[sel] for name, t in nn.state.get_state_dict(self).items()}
+    return experts_matmul(x, self.decode(x.dtype, **params), sel)
+
+  @classmethod
+  def quantize(cls, w: Tensor, *args) -> dict[str, Tensor]:
+    """The 2-D layer's quantization (its arguments) of every expert's (out, in) rows."""
+    E, N, K = w.shape
+    return {k: v.reshape(E, N, *v.shape[1:]) for k, v in cls.linear.quantize(w.reshape(E * N, K), *args).items()}
+
+class Int8Experts(_Experts):
+  """Int8Linear's layout per expert: weight int8 (experts, out, in), scale float32 (experts, out, in // group_size)."""
+  linear = Int8Linear
+  def __init__(self, n_experts: int, in_features: int, out_features: int, bias: bool = False, group_size: int | None = None):
+    self.group_size = group_size or in_features
+    if bias or in_features % self.group_size: raise ValueError(f"Int8Experts: no bias, and group_size={group_size} must divide {in_features}")
+    self.weight = Tensor.empty(n_experts, out_features, in_features, dtype=dtypes.int8)
+    self.scale = Tensor.empty(n_experts, out_features, in_features // self.group_size, dtype=dtypes.float32)
+
+  def decode(self, dtype, weight: Tensor, scale: Tensor) -> Tensor:
+    return (weight.cast(dtype).reshape(*scale.shape, self.group_size) * scale.cast(dtype).unsqueeze(-1)).flatten(-2)
+
+class Int4Experts(_Experts):
+  """Int4Linear's layout per expert: weight uint8 (experts, out, in/group, group/2), scale and min float32
+  (experts, out, in // group_size)."""
+  linear = Int4Linear
+  def __init__(self, n_experts: int, in_features: int, out_features: int, bias: bool = False, group_size: int = 32):
+    if bias or group_size % 2 or in_features % group_size: raise ValueError(f"Int4Experts: no bias, and group_size={group_size} must be even and divide {in_features}")
+    self.group_size = group_size
+    self.weight = Tensor.empty(n_experts, out_features, in_features // group_size, group_size // 2, dtype=dtypes.uint8)
+    self.scale = Tensor.empty(n_experts, out_features, in_features // group_size, dtype=dtypes.float32)
+    self.min = Tensor.empty(n_experts, out_features, in_features // group_size, dtype=dtypes.float32)
+
+  def decode(self, dtype, weight: Tensor, scale: Tensor, min: Tensor) -> Tensor:
+    q = weight.bitwise_and(0xF).cat(weight.rshift(4), dim=-1).cast(dtype)
+    return (q * scale.cast(dtype).unsqueeze(-1) + min.cast(dtype).unsqueeze(-1)).flatten(-2)
+
 class QuantizedEmbedding:
   """Token embedding rows gathered from a quantized layer's blocks and decoded: the embedding of a GGUF file kept as
   stored, sharing a tied output head's blocks (SmolLM2's: 18 MB of Q4_1 instead of 113 MB of float32)."""
@@ -118,17 +158,18 @@ class QuantizedEmbedding:
 
 GGUF_BLOCKS = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}  # bytes per block of 32 weights
 
-def from_gguf_blocks(raw: Tensor, ggml_type: str, shape: tuple[int, int]) -> tuple[type, dict[str, Tensor]]:
-  """Split raw GGUF blocks (uint8, row-major over `shape`) into a layer class and its parameters, without
-  rounding anything: Q8_0 = {f16 d, int8 q[32]}; Q4_0 = {f16 d, u8 qs[16]} meaning (q - 8) * d;
+def from_gguf_blocks(raw: Tensor, ggml_type: str, shape: tuple[int, ...]) -> tuple[type, dict[str, Tensor]]:
+  """Split raw GGUF blocks (uint8, row-major over `shape`: (out, in), or (experts, out, in)) into a layer class and its
+  parameters, without rounding anything: Q8_0 = {f16 d, int8 q[32]}; Q4_0 = {f16 d, u8 qs[16]} meaning (q - 8) * d;
   Q4_1 = {f16 d, f16 m, u8 qs[16]} meaning q * d + m."""
-  N, K = shape
-  blocks = raw.reshape(N, K // 32, GGUF_BLOCKS[ggml_type])
-  d = blocks[..., 0:2].contiguous().bitcast(dtypes.float16).reshape(N, K // 32).cast(dtypes.float32)
-  if ggml_type == "Q8_0": return Int8Linear, {"weight": blocks[..., 2:].contiguous().bitcast(dtypes.int8).reshape(N, K), "scale": d}
-  if ggml_type == "Q4_0": return Int4Linear, {"weight": blocks[..., 2:], "scale": d, "min": d * -8}
-  m = blocks[..., 2:4].contiguous().bitcast(dtypes.float16).reshape(N, K // 32).cast(dtypes.float32)
-  return Int4Linear, {"weight": blocks[..., 4:], "scale": d, "min": m}
+  *rows, K = shape
+  blocks = raw.reshape(*rows, K // 32, GGUF_BLOCKS[ggml_type])
+  int8, int4 = (Int8Linear, Int4Linear) if len(shape) == 2 else (Int8Experts, Int4Experts)
+  d = blocks[..., 0:2].contiguous().bitcast(dtypes.float16).reshape(*rows, K // 32).cast(dtypes.float32)
+  if ggml_type == "Q8_0": return int8, {"weight": blocks[..., 2:].contiguous().bitcast(dtypes.int8).reshape(*rows, K), "scale": d}
+  if ggml_type == "Q4_0": return int4, {"weight": blocks[..., 2:], "scale": d, "min": d * -8}
+  m = blocks[..., 2:4].contiguous().bitcast(dtypes.float16).reshape(*rows, K // 32).cast(dtypes.float32)
+  return int4, {"weight": blocks[..., 4:], "scale": d, "min": m}
 
 # ---- swapping layers into a model ----
 
@@ -136,10 +177,10 @@ def linear_for(mode: str) -> Callable:
   """The Linear class for `Llama(config, linear=...)` when building a model to fill with quantized parameters."""
   return {"none": Linear, "int8": Int8Linear, "int4": Int4Linear}[_check_mode(mode, ("none", "int8", "int4"))]
 
-def build_layer(cls: type, params: dict[str, Tensor], shape: tuple[int, int], **kwargs):
-  """A layer of class `cls` for a weight of `shape` (out, in), holding `params` (checked, and realized in one schedule:
-  they share their source, so a GGUF weight's blocks are read once, not once per parameter)."""
-  layer = cls(shape[1], shape[0], **kwargs)
+def build_layer(cls: type, params: dict[str, Tensor], shape: tuple[int, ...], **kwargs):
+  """A layer of class `cls` for a weight of `shape` (out, in) or (experts, out, in), holding `params` (checked, and
+  realized in one schedule: they share their source, so a GGUF weight's blocks are read once, not once per parameter)."""
+  layer = cls(*shape[:-2], shape[-1], shape[-2], **kwargs)
   for name, t in params.items():
     want = getattr(layer, name)
     if t.shape != want.shape or t.dtype != want.dtype:
@@ -148,13 +189,15 @@ def build_layer(cls: type, params: dict[str, Tensor], shape: tuple[int, int], **
   Tensor.realize(*[getattr(layer, name) for name in params])
   return layer
 
+QUANTIZED = {"int8": (Int8Linear, Int8Experts), "int4": (Int4Linear, Int4Experts)}  # for (out, in) and (experts, out, in)
+
 def quantize_model(llama, mode: str, checkpoint=None, read: Callable[[str], Tensor] | None = None) -> dict:
-  """Swap every linear of `llama` (tg_llama.model.Llama) for a quantized one, in place, and return the quantization
-  to record in a saved config. "int8"/"int4" quantize each float weight, taken from `read(name)` (a weight's
-  canonical name; default: the weight the model holds); "gguf" takes each weight's blocks from `checkpoint` (a GGUF
-  tg_llama.convert.Checkpoint) when they are Q8_0, Q4_0 or Q4_1 and leaves other weights float, and keeps such a
-  token embedding in its blocks too (QuantizedEmbedding, sharing a tied output head's). Called before the float
-  weights are read (tg_llama.api.load_weights does), no float copy of a quantized weight is ever held. int8/int4
+  """Swap every linear of `llama` (tg_llama.models.llama.Llama), and every stack of experts, for a quantized one, in
+  place, and return the quantization to record in a saved config. "int8"/"int4" quantize each float weight, taken from
+  `read(name)` (a weight's canonical name; default: the weight the model holds); "gguf" takes each weight's blocks from
+  `checkpoint` (a GGUF tg_llama.convert.Checkpoint) when they are Q8_0, Q4_0 or Q4_1 and leaves other weights float, and
+  keeps such a token embedding in its blocks too (QuantizedEmbedding, sharing a tied output head's). Called before the
+  float weights are read (tg_llama.api.load_weights does), no float copy of a quantized weight is ever held. int8/int4
   leave the token embedding float."""
   _check_mode(mode, MODES)
   if mode == "none": return {"mode": "none"}
@@ -163,18 +206,17 @@ def quantize_model(llama, mode: str, checkpoint=None, read: Callable[[str], Tens
     raise ValueError(f"quantize mode 'gguf' keeps a GGUF file's blocks: load a GGUF file (got {got})")
   if any(isinstance(getattr(parent, attr).weight.device, tuple) for _, parent, attr in linears(llama)):
     raise UnsupportedModelError("quantized layers run on one device: load without --devices to quantize")
-  raw = _GGUFBlocks(checkpoint) if mode == "gguf" else None
   kept: dict[str, str] = {}
   for name, parent, attr in linears(llama):
     w = getattr(parent, attr).weight
     shape = tuple(w.shape)
     if mode in ("int8", "int4"):
-      cls = Int8Linear if mode == "int8" else Int4Linear
+      cls = QUANTIZED[mode][len(shape) - 2]
       new = build_layer(cls, cls.quantize(read(f"{name}.weight") if read else w), shape)
     else:
       kept[name] = checkpoint.raw_dtypes[f"{name}.weight"]
       if kept[name] not in GGUF_BLOCKS: continue
-      new = raw.layer(name, shape, w.device)
+      new = gguf_layer(checkpoint, name, shape, w.device)
     setattr(parent, attr, new)
   if mode == "gguf" and llama.is_first and checkpoint.raw_dtypes.get("model.embed_tokens.weight") in GGUF_BLOCKS:
     kept["model.embed_tokens"] = checkpoint.raw_dtypes["model.embed_tokens.weight"]
@@ -182,55 +224,30 @@ def quantize_model(llama, mode: str, checkpoint=None, read: Callable[[str], Tens
     if checkpoint.config.tie_embeddings and isinstance(head, (Int8Linear, Int4Linear)): llama.embed_tokens = QuantizedEmbedding(head)
     else:
       shape = (checkpoint.config.vocab_size, checkpoint.config.dim)
-      llama.embed_tokens = QuantizedEmbedding(raw.layer("model.embed_tokens", shape, llama.embed_tokens.weight.device))
+      llama.embed_tokens = QuantizedEmbedding(gguf_layer(checkpoint, "model.embed_tokens", shape, llama.embed_tokens.weight.device))
   if mode == "int8": return {"mode": "int8", "bits": 8, "group_size": None}
   if mode == "int4": return {"mode": "int4", "bits": 4, "group_size": 32}
   return {"mode": "gguf", "types": kept}
 
+def gguf_layer(checkpoint, name: str, shape: tuple[int, ...], device: str):
+  """The quantized layer holding the GGUF blocks of the weight `name` (a linear's, experts', or "model.embed_tokens")."""
+  cls, params = from_gguf_blocks(checkpoint.blocks[f"{name}.weight"](device), checkpoint.raw_dtypes[f"{name}.weight"], shape)
+  return build_layer(cls, params, shape, **({"group_size": 32} if cls in (Int8Linear, Int8Experts) else {}))
+
 def quantized_names(llama) -> set[str]:
   """The canonical names of the parameters that quantized layers hold (not to be read as float weights)."""
-  names = {f"{name}.{p}" for name, parent, attr in linears(llama) if not isinstance(layer := getattr(parent, attr), Linear)
+  names = {f"{name}.{p}" for name, parent, attr in linears(llama) if not isinstance(layer := getattr(parent, attr), (Linear, Experts))
            for p in nn.state.get_state_dict(layer)}
   if isinstance(getattr(llama, "embed_tokens", None), QuantizedEmbedding):
     names |= {f"model.embed_tokens.{p}" for p in nn.state.get_state_dict(llama.embed_tokens)}
   return names
 
 def linears(llama) -> list[tuple[str, object, str]]:
-  """(canonical name, parent module, attribute) for every linear of the model shard."""
-  out = []
-  for i, block in llama.layers.items():
-    for part, names in (("self_attn", ("q_proj", "k_proj", "v_proj", "o_proj")), ("mlp", ("gate_proj", "up_proj", "down_proj"))):
-      out += [(f"model.layers.{i}.{part}.{n}", getattr(block, part), n) for n in names]
+  """(canonical name, parent module, attribute) for every linear (and stack of experts) of the model shard that
+  quantization swaps (each block says which: tg_llama/models/)."""
+  out = [(f"model.layers.{i}.{name}", parent, attr) for i, block in llama.layers.items() for name, parent, attr in block.linears()]
   if llama.is_last: out.append(("lm_head", llama, "lm_head"))
   return out
-
-class _GGUFBlocks:
-  """The raw blocks of a GGUF checkpoint's weights, under canonical names, q/k rows in the half-split order."""
-  def __init__(self, checkpoint):
-    _, self.infos, self.disk = gguf.read_gguf(checkpoint.path)
-    self.config = checkpoint.config
-
-  def gguf_name(self, name: str) -> str:
-    """The file's name for a linear's weight (tg_llama/convert.py's tables, read backwards)."""
-    if name == "lm_head": return "output.weight" if "output.weight" in self.infos else "token_embd.weight"  # tied
-    if name == "model.embed_tokens": return "token_embd.weight"
-    _, _, i, suffix = name.split(".", 3)
-    return f"blk.{i}.{LAYER_NAMES[suffix + '.weight'][0]}"
-
-  def layer(self, name: str, shape: tuple[int, int], device: str) -> Int8Linear | Int4Linear:
-    """The quantized layer holding the blocks of the weight `name` (a linear's, or "model.embed_tokens")."""
-    cls, params = self.layer_params(name, shape, device)
-    return build_layer(cls, params, shape, **({"group_size": 32} if cls is Int8Linear else {}))
-
-  def layer_params(self, name: str, shape: tuple[int, int], device: str) -> tuple[type, dict[str, Tensor]]:
-    info = self.infos[self.gguf_name(name)]
-    if tuple(info.shape) != shape: raise ValueError(f"{info.name}: shape {tuple(info.shape)} in the file, the model needs {shape}")
-    raw = self.disk[info.offset:info.offset + info.nbytes].to(device)
-    cls, params = from_gguf_blocks(raw, gguf.ggml_type_name(info.ggml_type), shape)
-    # llama.cpp stores q and k rows in the interleaved rotary order; whole rows move, so blocks move with them
-    heads = self.config.n_heads if name.endswith("q_proj") else self.config.n_kv_heads if name.endswith("k_proj") else 0
-    if heads: params = {k: interleaved_to_half_split(v.reshape(shape[0], -1), heads).reshape(v.shape) for k, v in params.items()}
-    return cls, params
 
 def _check_mode(mode: str, allowed: tuple[str, ...]) -> str:
   if mode not in allowed: raise ValueError(f"unknown quantize mode {mode!r}; choose one of {', '.join(allowed)}")

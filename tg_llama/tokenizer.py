@@ -1,9 +1,12 @@
 """Tokenizer: text <-> token ids for Llama-family models, from a tokenizer.model, a tokenizer.json, a directory
-holding them, or a GGUF file's metadata. Byte-level BPE runs on tiktoken; sentencepiece models on `sentencepiece`.
+holding them, or a GGUF file's metadata. Byte-level BPE runs on tiktoken; a sentencepiece tokenizer.model on the
+optional `sentencepiece` library; a GGUF `llama` (sentencepiece BPE: Llama 1/2, TinyLlama, Mistral) vocabulary on
+tg_llama/spm.py, in pure Python. Every piece of text between special tokens gets sentencepiece's dummy prefix, as in
+llama.cpp and Meta's Llama 2 chat, and decode drops the one at the start.
 
 Non-goals: WordPiece and Unigram models, normalizers (NFC, lowercasing), the lstrip/rstrip flags of added tokens,
-GGUF `llama` (sentencepiece) vocabularies, and the rare word where rank-order BPE (tiktoken) and merge-list BPE
-(HF tokenizers, llama.cpp) part ways: tiktoken merges any neighbours whose concatenation is a token.
+and the rare word where rank-order BPE (tiktoken) and merge-list BPE (HF tokenizers, llama.cpp) part ways: tiktoken
+merges any neighbours whose concatenation is a token.
 
 The files are untrusted: a missing key, a value of the wrong type, nesting too deep for Python, or a token id past
 the entries the file lists (so no list is sized by a claimed number) is a CheckpointError naming the file and the key.
@@ -14,6 +17,7 @@ import base64, codecs, contextlib, functools, inspect, json, pathlib, re, reprli
 from typing import Callable, Iterable
 import tiktoken
 from tg_llama.errors import CheckpointError, TgLlamaError, UnsupportedModelError
+from tg_llama.spm import SentencePieceBPE
 
 # split patterns, as tiktoken (fancy-regex) reads them
 LLAMA3_PAT = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+"
@@ -209,14 +213,12 @@ class Tokenizer:
   @classmethod
   @_loader
   def from_gguf_metadata(cls, kv: dict, src: str = "GGUF metadata") -> Tokenizer:
-    """The vocab a GGUF file carries (`kv` from tg_llama.formats.gguf.read_metadata)."""
+    """The vocab a GGUF file carries (`kv` from tg_llama.formats.gguf.read_metadata): byte-level BPE (`gpt2`) or
+    sentencepiece BPE (`llama`)."""
     if not isinstance(kv, dict): raise CheckpointError(f"{src}: metadata is a {type(kv).__name__}, not a dict")
-    if (kind := kv.get("tokenizer.ggml.model")) != "gpt2":
-      raise UnsupportedModelError(f"{src}: GGUF tokenizer model {_short(kind)} is not supported (only 'gpt2', byte-level BPE); "
-                                  f"load the model's tokenizer.model or tokenizer.json instead")
-    pre = _get(kv, "tokenizer.ggml.pre", str, src, "default")  # llama.cpp's choice when the key is missing
-    if pre not in GGUF_PRE: raise UnsupportedModelError(f"{src}: unknown pre-tokenizer {pre!r} (tokenizer.ggml.pre); supported: {sorted(GGUF_PRE)}")
-    pat, ignore_merges = GGUF_PRE[pre]
+    if (kind := kv.get("tokenizer.ggml.model")) not in ("gpt2", "llama"):
+      raise UnsupportedModelError(f"{src}: GGUF tokenizer model {_short(kind)} is not supported (only 'gpt2', byte-level BPE, and 'llama', "
+                                  f"sentencepiece BPE); load the model's tokenizer.model or tokenizer.json instead")
     names: list[str] = _get(kv, "tokenizer.ggml.tokens", list, src)
     if not names: raise CheckpointError(f"{src}: tokenizer.ggml.tokens is empty")
     if (bad := next((i for i, t in enumerate(names) if not isinstance(t, str)), None)) is not None:
@@ -226,17 +228,29 @@ class Tokenizer:
       raise CheckpointError(f"{src}: tokenizer.ggml.token_type must be {len(names)} integers, one per token")
     specials = {t: i for i, (t, ty) in enumerate(zip(names, types)) if ty == 3 and t}  # CONTROL
     user = {t: i for i, (t, ty) in enumerate(zip(names, types)) if ty == 4 and t}      # USER_DEFINED
-    merges = _get(kv, "tokenizer.ggml.merges", list, src, [])
-    pieces, ranks = _byte_level(names, merges, {*specials.values(), *user.values()}, ignore_merges, src)
-    bos, eos = (_get(kv, f"tokenizer.ggml.{k}_token_id", int, src, None) for k in ("bos", "eos"))
+    # llama.cpp's defaults for a sentencepiece vocab: <unk> <s> </s> are ids 0 1 2; BOS and the dummy prefix are added
+    spm = kind == "llama"
+    bos, eos = (_get(kv, f"tokenizer.ggml.{k}_token_id", int, src, d if spm and d < len(names) else None) for k, d in (("bos", 1), ("eos", 2)))
     extra = [kv[k] for k in ("tokenizer.ggml.eot_token_id", "tokenizer.ggml.eom_token_id") if k in kv]
     for key, i in (("bos_token_id", bos), ("eos_token_id", eos), *(("eot/eom_token_id", i) for i in extra)):
-      if i is not None and not (_is_id(i) and i < len(pieces)):
-        raise CheckpointError(f"{src}: tokenizer.ggml.{key} {_short(i)} is not a token id (the vocabulary has {len(pieces)})")
-    # bytes missing from the vocab are dropped, as llama.cpp does
-    return cls(pieces, _tiktoken_bpe(src, pat, ranks, specials, len(pieces), None), specials, user, bos_id=bos, eos_id=eos,
-               add_bos=bool(kv.get("tokenizer.ggml.add_bos_token", ignore_merges)),
-               chat_template=_get(kv, "tokenizer.chat_template", str, src, None), extra_stop_ids=extra)
+      if i is not None and not (_is_id(i) and i < len(names)):
+        raise CheckpointError(f"{src}: tokenizer.ggml.{key} {_short(i)} is not a token id (the vocabulary has {len(names)})")
+    if spm:
+      pieces, sp = _sentencepiece(kv, names, types, src)
+      encode, strip = sp.encode, sp.add_space_prefix
+      specials.update({t: i for i, (t, ty) in enumerate(zip(names, types)) if ty == 2 and t})  # UNKNOWN, as from_sentencepiece
+      add_bos = bool(kv.get("tokenizer.ggml.add_bos_token", True))
+    else:
+      pre = _get(kv, "tokenizer.ggml.pre", str, src, "default")  # llama.cpp's choice when the key is missing
+      if pre not in GGUF_PRE: raise UnsupportedModelError(f"{src}: unknown pre-tokenizer {pre!r} (tokenizer.ggml.pre); supported: {sorted(GGUF_PRE)}")
+      pat, ignore_merges = GGUF_PRE[pre]
+      merges = _get(kv, "tokenizer.ggml.merges", list, src, [])
+      pieces, ranks = _byte_level(names, merges, {*specials.values(), *user.values()}, ignore_merges, src)
+      encode, strip = _tiktoken_bpe(src, pat, ranks, specials, len(pieces), None), False  # bytes missing from the vocab are dropped, as llama.cpp does
+      add_bos = bool(kv.get("tokenizer.ggml.add_bos_token", ignore_merges))
+    return cls(pieces, encode, specials, user, bos_id=bos, eos_id=eos, add_bos=add_bos,
+               chat_template=_get(kv, "tokenizer.chat_template", str, src, None), extra_stop_ids=extra,
+               strip_prefix_space=strip)
 
   @classmethod
   def from_sentencepiece(cls, path: str | pathlib.Path, config: dict | None = None) -> Tokenizer:
@@ -257,6 +271,25 @@ class Tokenizer:
     return cls(pieces, lambda text: sp.encode(text), specials, strip_prefix_space=prefix, **kw)
 
 # *** helpers of the constructors ***
+
+_BYTE_PIECE = re.compile(r"<0x([0-9A-Fa-f]{2})>")
+
+def _sentencepiece(kv: dict, names: list[str], types: list[int], src) -> tuple[list[bytes], SentencePieceBPE]:
+  """Token bytes by id and the encoder of a GGUF `llama` vocab (written as convert_hf_to_gguf.py's
+  _create_vocab_sentencepiece does: pieces, their scores, sentencepiece's piece types)."""
+  scores = _get(kv, "tokenizer.ggml.scores", list, src, None) or [0.0] * len(names)  # llama.cpp scores a missing list 0
+  if len(scores) != len(names) or not all(isinstance(x, (int, float)) and not isinstance(x, bool) and x == x for x in scores):
+    raise CheckpointError(f"{src}: tokenizer.ggml.scores must be {len(names)} numbers (not NaN), one per token")
+  pieces, byte_ids = [], {}
+  for i, (t, ty) in enumerate(zip(names, types)):
+    if ty == 6:  # BYTE
+      if not (m := _BYTE_PIECE.fullmatch(t)): raise CheckpointError(f"{src}: tokenizer.ggml.tokens[{i}] is a byte token (type 6) but not <0xNN>: {_short(t)}")
+      byte_ids.setdefault(b := int(m.group(1), 16), i)
+      pieces.append(bytes([b]))
+    else: pieces.append(" \u2047 ".encode() if ty == 2 else t.encode() if ty == 3 else t.replace("\u2581", " ").encode())
+  unk = _get(kv, "tokenizer.ggml.unknown_token_id", int, src, 0)
+  if not (_is_id(unk) and unk < len(names)): raise CheckpointError(f"{src}: tokenizer.ggml.unknown_token_id {_short(unk)} is not a token id (the vocabulary has {len(names)})")
+  return pieces, SentencePieceBPE(names, [float(x) for x in scores], types, byte_ids, unk, bool(kv.get("tokenizer.ggml.add_space_prefix", True)))
 
 _REQUIRED = object()
 _KINDS = {dict: "an object", list: "a list", str: "a string", int: "an integer"}

@@ -91,7 +91,7 @@ ROW_PREFILL = 32  # a prompt rest of at most this many tokens runs as rows of st
 class Engine:
   def __init__(self, runner: ModelRunner, max_waiting: int = 64):
     self.runner, self.max_waiting = runner, max_waiting
-    self.max_context, self.vocab = runner.max_context, runner.llama.config.vocab_size
+    self.max_context, self.vocab = runner.max_context, runner.config.vocab_size
     self.waiting: list[Sequence] = []
     self.running: list[Sequence] = []   # holding a slot: prefilling or generating
     self._lock = threading.Condition()

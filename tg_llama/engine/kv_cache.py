@@ -1,5 +1,5 @@
 """The keys and values of several sequences at once: one tensor per layer of (2, slots, kv heads, positions, head dim),
-allocated once at its full size and written by position (tg_llama/model.py's Attention).
+allocated once at its full size and written by position (tg_llama/models/blocks.py's Attention).
 
 A slot holds one sequence. What each slot holds is tracked here too (its tokens, when it was last used), so that a new
 request can continue the slot that already holds the longest prefix of its prompt (prefix reuse), as llama.cpp's server

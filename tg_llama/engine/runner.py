@@ -1,4 +1,5 @@
-"""The model runner: a whole model on one backend, its KV cache of S slots, and the captured graphs that run it.
+"""The model runner: a model (or a layer shard of one) on one backend, its KV cache of S slots, and the captured graphs that
+run it.
 
 Graphs (TinyJit, replayed from C on the CPU by tg_llama/cpu_graph.py): one prefill of a fixed-size chunk of one
 sequence, and per batch bucket (1, 2, 4, 8, ... up to max(S, 8) rows) one step of one token per row and its greedy and
@@ -13,15 +14,20 @@ and draw the same logits, and their outputs are dropped. Sampling reads and adva
 rows that sample for no sequence (padding, a prompt's inner tokens) use a scratch row of the sampler's instead (two
 rows updating one sequence's state would advance it twice).
 
+A layer shard (a stage of tg_llama/cluster/) runs the same graphs on what the stage before it gave: the first shard takes
+token ids, a later one hidden states (float32 between stages, whatever each one computes in); the last one gives logits and
+samples, the others give hidden states.
+
 Not here: which sequences run when (tg_llama/engine/engine.py), speculative decoding."""
 from __future__ import annotations
 from typing import Sequence
 import numpy as np
 from tinygrad import Device, Tensor, UOp, dtypes
 from tinygrad.dtype import DType, _to_np_dtype
+from tg_llama.config import LlamaConfig
 from tg_llama.cpu_graph import Jit
 from tg_llama.engine.kv_cache import KVCache
-from tg_llama.model import Llama
+from tg_llama.models.llama import Llama
 from tg_llama.parallel import place_input, shard_model
 from tg_llama.constraint import words
 from tg_llama.sampling import Sampler, mask_logits
@@ -35,8 +41,7 @@ def buckets(rows: int) -> tuple[int, ...]:
 class ModelRunner:
   def __init__(self, llama: Llama, device: str, dtype: DType, max_context: int, slots: int = 1, prefill_chunk: int = 64,
                devices: tuple[str, ...] = ()):
-    if not (llama.is_first and llama.is_last): raise ValueError("ModelRunner runs a whole model; chain layer shards with load_shard")
-    self.llama, self.device, self.max_context, self.devices = llama, device, max_context, devices
+    self.llama, self.device, self.dtype, self.max_context, self.devices = llama, device, dtype, max_context, devices
     self.prefill_chunk = min(prefill_chunk, max_context)
     positions = max_context + self.prefill_chunk  # slack for the last chunk's padding
     llama.setup_rope(positions, device)
@@ -44,45 +49,55 @@ class ModelRunner:
     if len(devices) > 1:
       shard_model(llama, devices)
       self.cache.shard(devices)
-    self.sampler = Sampler(slots + 1, llama.config.vocab_size, device)  # the last row: scratch for a bucket's padding
     self.buckets = buckets(max(slots, MIN_ROWS))
-    # the graphs' inputs, written in place before each call: the token ids of a chunk and of each bucket's rows, the token
-    # masks of constrained rows, and one mask with every bit set for the steps where no row is constrained
-    new = lambda *shape, fill=0: Tensor.full(shape, fill, dtype=dtypes.int32, device=device).contiguous().realize()
-    self.chunk_ids = new(1, self.prefill_chunk)
-    self.row_ids = {b: new(b, 1) for b in self.buckets}
-    self.masks = {b: new(b, words(llama.config.vocab_size)) for b in self.buckets}
-    self.no_mask = {b: new(b, words(llama.config.vocab_size), fill=-1) for b in self.buckets}
+    # the graphs' inputs, written in place before each call: a chunk's and each bucket's rows' token ids (hidden states
+    # after the first shard), the token masks of constrained rows, and one mask with every bit set for the steps where no
+    # row is constrained
+    new = lambda *shape, fill=0, dtype=dtypes.int32: Tensor.full(shape, fill, dtype=dtype, device=device).contiguous().realize()
+    row = () if llama.is_first else (llama.config.dim,)
+    kind = dtypes.int32 if llama.is_first else dtypes.float32
+    self.chunk_in = new(1, self.prefill_chunk, *row, dtype=kind)
+    self.rows_in = {b: new(b, 1, *row, dtype=kind) for b in self.buckets}
     pos = lambda name: UOp.variable(name, 0, max_context - 1)
     slot = lambda name: UOp.variable(name, 0, slots - 1)
     self.v_prefill = (slot("slot"), pos("start_pos"), UOp.variable("last_index", 0, self.prefill_chunk - 1))
     self.v_rows = {b: [(slot(f"slot{i}"), pos(f"pos{i}")) for i in range(b)] for b in self.buckets}
-    self.v_sample = {b: [UOp.variable(f"row{i}", 0, slots) for i in range(b)] for b in self.buckets}  # sampler rows: slots and scratch
     self.prefill_jit = Jit(self._prefill)
     self.decode_jits = {b: Jit(self._decode) for b in self.buckets}
-    self.greedy_jits = {b: Jit(greedy) for b in self.buckets}
-    self.sample_jits = {b: Jit(self._sample) for b in self.buckets}
+    if llama.is_last:
+      self.sampler = Sampler(slots + 1, llama.config.vocab_size, device)  # the last row: scratch for a bucket's padding
+      self.masks = {b: new(b, words(llama.config.vocab_size)) for b in self.buckets}
+      self.no_mask = {b: new(b, words(llama.config.vocab_size), fill=-1) for b in self.buckets}
+      self.v_sample = {b: [UOp.variable(f"row{i}", 0, slots) for i in range(b)] for b in self.buckets}  # sampler rows: slots and scratch
+      self.greedy_jits = {b: Jit(greedy) for b in self.buckets}
+      self.sample_jits = {b: Jit(self._sample) for b in self.buckets}
+
+  @property
+  def config(self) -> LlamaConfig: return self.llama.config
 
   @property
   def slots(self) -> int: return len(self.cache.slots)
 
   def jits(self) -> dict[str, Jit]:
     """Every captured graph by name (tg_llama/jit_cache.py saves and loads them)."""
-    out = {"prefill": self.prefill_jit}
-    for b in self.buckets: out.update({f"decode{b}": self.decode_jits[b], f"greedy{b}": self.greedy_jits[b], f"sample{b}": self.sample_jits[b]})
+    out = {"prefill": self.prefill_jit, **{f"decode{b}": self.decode_jits[b] for b in self.buckets}}
+    if self.llama.is_last:
+      for b in self.buckets: out.update({f"greedy{b}": self.greedy_jits[b], f"sample{b}": self.sample_jits[b]})
     return out
 
   def state(self) -> dict:
     """Every object whose tensors outlive a call: weights, KV cache and RoPE tables, the sampler's state."""
-    return {"llama": self.llama, "cache": self.cache.layers, "sampler": self.sampler}
+    return {"llama": self.llama, "cache": self.cache.layers, **({"sampler": self.sampler} if self.llama.is_last else {})}
 
-  def _prefill(self, tokens: Tensor, slot: UOp, start: UOp, last_index: UOp) -> Tensor:
-    # a model split over devices takes its input on every device and gives logits back on this one
-    return self.llama(place_input(tokens, self.devices), self.cache, [(slot, start)], last_index=last_index).to(self.device).realize()
+  def _prefill(self, x: Tensor, slot: UOp, start: UOp, last_index: UOp) -> Tensor:
+    # a model split over devices takes its input on every device and gives its output back on this one
+    return self._output(self.llama(self._input(x), self.cache, [(slot, start)], last_index=last_index))
 
-  def _decode(self, tokens: Tensor, *rows: UOp) -> Tensor:
-    pairs = list(zip(rows[0::2], rows[1::2]))
-    return self.llama(place_input(tokens, self.devices), self.cache, pairs).to(self.device).realize()
+  def _decode(self, x: Tensor, *rows: UOp) -> Tensor:
+    return self._output(self.llama(self._input(x), self.cache, list(zip(rows[0::2], rows[1::2]))))
+
+  def _input(self, x: Tensor) -> Tensor: return place_input(x if self.llama.is_first else x.cast(self.dtype), self.devices)
+  def _output(self, out: Tensor) -> Tensor: return (out if self.llama.is_last else out.float()).to(self.device).realize()
 
   def _sample(self, logits: Tensor, mask: Tensor, *slots: UOp) -> Tensor: return self.sampler(mask_logits(logits, mask), slots)
 
@@ -90,24 +105,36 @@ class ModelRunner:
     """Write `tokens` into `slot` from position `start` (the slot holds the keys and values of every position before);
     the logits (1, vocab) after the last one."""
     logits = None
-    s, p, last = self.v_prefill
     for pos in range(0, len(tokens), self.prefill_chunk):
-      chunk = list(tokens[pos:pos + self.prefill_chunk])
-      padded = write(self.chunk_ids, np.array([chunk + [0] * (self.prefill_chunk - len(chunk))], dtype=np.int32))
-      logits = self.prefill_jit(padded, s.bind(slot), p.bind(start + pos), last.bind(len(chunk) - 1))
+      logits = self.run_chunk(slot, np.array(tokens[pos:pos + self.prefill_chunk], dtype=np.int32), start + pos)
     assert logits is not None, "nothing to prefill"
     return logits
+
+  def run_chunk(self, slot: int, x: np.ndarray, start: int) -> Tensor:
+    """One prefill chunk at positions start..start+n-1 of `slot`: x is n <= prefill_chunk token ids, or after the first
+    shard their hidden states (n, dim). The last shard gives the logits (1, vocab) after the last one, the others the
+    hidden states (1, prefill_chunk, dim), of which rows n.. are padding."""
+    n = len(x)
+    padded = np.zeros(self.chunk_in.shape, dtype=x.dtype)
+    padded[0, :n] = x
+    s, p, last = self.v_prefill
+    return self.prefill_jit(write(self.chunk_in, padded), s.bind(slot), p.bind(start), last.bind(n - 1))
 
   def bucket(self, n: int) -> int: return next(b for b in self.buckets if b >= n)
 
   def decode(self, rows: Sequence[tuple[int, int, int]]) -> Tensor:
     """One step for each (slot, position, token) row: the token goes into its slot at that position; logits (bucket, vocab),
     a row per input row first, then the padding's."""
+    return self.run_rows([(s, p) for s, p, _ in rows], np.array([[t] for _, _, t in rows], dtype=np.int32))
+
+  def run_rows(self, rows: Sequence[tuple[int, int]], x: np.ndarray) -> Tensor:
+    """One step of rows: row i writes x[i] (a token id (1,), or after the first shard its hidden states (1, dim)) into
+    slot rows[i][0] at position rows[i][1]. The output has a row per input row first, then the padding's: logits
+    (bucket, vocab) on the last shard, else hidden states (bucket, 1, dim)."""
     b = self.bucket(len(rows))
-    rows = list(rows) + [rows[0]] * (b - len(rows))
-    tokens = write(self.row_ids[b], np.array([[t] for _, _, t in rows], dtype=np.int32))
-    args = [v.bind(x) for (vs, vp), (s, p, _) in zip(self.v_rows[b], rows) for v, x in ((vs, s), (vp, p))]
-    return self.decode_jits[b](tokens, *args)
+    rows, x = list(rows) + [rows[0]] * (b - len(rows)), np.concatenate([x] + [x[:1]] * (b - len(x)))
+    args = [v.bind(a) for (vs, vp), (s, p) in zip(self.v_rows[b], rows) for v, a in ((vs, s), (vp, p))]
+    return self.decode_jits[b](write(self.rows_in[b], x), *args)
 
   def sample(self, logits: Tensor, slots: Sequence[int | None], greedy_only: bool, mask: np.ndarray | None = None) -> np.ndarray:
     """Token ids (n,) for the first n = len(slots) rows of `logits` (a bucket's rows): row i samples for the sequence in
@@ -123,7 +150,7 @@ class ModelRunner:
 def write(t: Tensor, a: np.ndarray) -> Tensor:
   """t (realized, on one device) with its contents replaced by `a`, in place: the backend's own copy into the buffer. A new
   Tensor from numpy each call goes through the scheduler: 1.6 ms for one token id on DEV=CPU, where this takes 5 us."""
-  assert a.dtype == np.int32 == _to_np_dtype(t.dtype) and a.shape == t.shape and a.flags["C_CONTIGUOUS"]
+  assert a.dtype == _to_np_dtype(t.dtype) and a.shape == t.shape and a.flags["C_CONTIGUOUS"]
   buf = t.uop.buffer
   buf.allocator._copyin(buf._buf, memoryview(a).cast("B"))
   return t

@@ -1,0 +1,158 @@
+"""A model run as a pipeline of layer shards on a Ray cluster, behind the engine like one process's model runner.
+
+The engine (tg_llama/engine/engine.py) drives a PipelineRunner as it drives a ModelRunner: prefill, decode, sample, and
+the slots' bookkeeping (which tokens each KV cache slot holds) stay in the driver; each stage (tg_llama/cluster/stage.py)
+holds its layers' keys and values for every slot. A step's inputs go to the first stage, each stage's hidden states go to
+the next as a Ray object (the driver never waits between stages: Ray passes a call's result to the call that takes it),
+and the last stage keeps the logits and samples, so one step costs the stages' compute plus a hop per stage and one for
+the sampled tokens.
+
+Faults: a stage actor is restarted by Ray (`max_restarts`) and loads its shard again. The driver sees the step fail,
+waits for every stage to answer, and when one came back as a new process (its KV cache empty) runs every busy slot's
+tokens through the pipeline again, restores the last stage's sampling state, and runs the step again: a greedy request
+finishes with the tokens it would have had. A stage that does not answer within `restart_timeout` seconds, or that Ray
+will not restart, fails the step with an error naming it; the engine fails the step's requests with it.
+
+Not here: several steps in flight at once (while stage 2 runs a batch, stage 1 idles: a batch's rows are one micro-batch),
+moving a stage to another node when its node is gone (Ray restarts it where the plan put it)."""
+from __future__ import annotations
+import time
+from typing import Callable, Sequence
+import numpy as np
+from tinygrad import dtypes
+from tg_llama.config import LlamaConfig
+from tg_llama.engine.kv_cache import KVCache
+from tg_llama.engine.runner import MIN_ROWS, buckets
+from tg_llama.errors import TgLlamaError
+from tg_llama.cluster.plan import StagePlan
+
+class StageError(TgLlamaError): pass
+
+class RemoteLogits:
+  """A step's logits, on the last stage: (bucket, vocab) as a local runner's would be; numpy() fetches them."""
+  def __init__(self, pipeline: PipelineRunner, rows: int, ref, redo: Callable):
+    self.pipeline, self.shape, self.ref, self.redo = pipeline, (rows, pipeline.config.vocab_size), ref, redo
+
+  def numpy(self) -> np.ndarray: return self.pipeline._call(lambda: self.pipeline._get(self.pipeline.stages[-1].host_logits.remote(self.ref)), self)
+
+class RemoteSampler:
+  """The last stage's sampler, as the engine resets it; what it was told is kept, to tell a restarted last stage again."""
+  def __init__(self, pipeline: PipelineRunner):
+    self.pipeline, self.params = pipeline, {}
+
+  def reset(self, params: Sequence, prompts: Sequence[Sequence[int]], slots: Sequence[int]):
+    for p, s in zip(params, slots): self.params[s] = p
+    self.pipeline.stages[-1].reset_sampler.remote(list(params), [list(p) for p in prompts], list(slots))
+
+class PipelineRunner:
+  def __init__(self, stages: list, plan: list[StagePlan], infos: list[dict], config: LlamaConfig, max_context: int, slots: int,
+               prefill_chunk: int = 64, timeout: float = 600, restart_timeout: float = 300, max_recoveries: int = 3):
+    import ray
+    self.ray, self.stages, self.plan, self.config, self.max_context = ray, stages, plan, config, max_context
+    self.prefill_chunk = min(prefill_chunk, max_context)
+    self.timeout, self.restart_timeout, self.max_recoveries = timeout, restart_timeout, max_recoveries
+    self.buckets = buckets(max(slots, MIN_ROWS))
+    self.cache = KVCache(config, range(0), slots, max_context + self.prefill_chunk, dtypes.float32, "CPU")  # the slots' bookkeeping
+    self.sampler = RemoteSampler(self)
+    self.infos = infos
+    self.device = " -> ".join(f"{info['device']} [{p.layers}]" for p, info in zip(plan, infos))
+    self.recoveries = 0
+
+  @property
+  def slots(self) -> int: return len(self.cache.slots)
+
+  def bucket(self, n: int) -> int: return next(b for b in self.buckets if b >= n)
+
+  def graphs_loaded(self) -> set[str]:
+    """The graphs every stage that runs them loaded from its cache (the sampling heads run on the last stage only)."""
+    names = set().union(*(info["graphs_loaded"] for info in self.infos))
+    return {n for n in names if all(n in info["graphs_loaded"] for info in (self.infos[-1:] if n.startswith(("greedy", "sample")) else self.infos))}
+
+  # *** what the engine calls ***
+
+  def prefill(self, slot: int, tokens: Sequence[int], start: int) -> RemoteLogits:
+    run = lambda: RemoteLogits(self, 1, self._prefill(slot, list(tokens), start), run)
+    return self._call(run, slot_starts={slot: start})
+
+  def decode(self, rows: Sequence[tuple[int, int, int]]) -> RemoteLogits:
+    rows = list(rows)
+    starts: dict[int, int] = {}
+    for s, p, _ in rows: starts[s] = min(p, starts.get(s, p))
+    def run():
+      x = np.array([[t] for _, _, t in rows], dtype=np.int32)
+      for stage in self.stages: x = stage.rows.remote([(s, p) for s, p, _ in rows], x)
+      self._get(x)
+      return RemoteLogits(self, self.bucket(len(rows)), x, run)
+    return self._call(run, slot_starts=starts)
+
+  def sample(self, logits: RemoteLogits, slots: Sequence[int | None], greedy_only: bool, mask: np.ndarray | None = None) -> np.ndarray:
+    return self._call(lambda: self._get(self.stages[-1].sample.remote(list(slots), greedy_only, mask, logits.ref)), logits)
+
+  # *** stages ***
+
+  def _prefill(self, slot: int, tokens: list[int], start: int):
+    x = None
+    for pos in range(0, len(tokens), self.prefill_chunk):
+      x = np.array(tokens[pos:pos + self.prefill_chunk], dtype=np.int32)
+      for stage in self.stages: x = stage.chunk.remote(slot, x, start + pos)
+    self._get(x)
+    return x
+
+  def _get(self, ref, timeout: float | None = None):
+    try: return self.ray.get(ref, timeout=timeout or self.timeout)
+    except self.ray.exceptions.GetTimeoutError:
+      raise StageError(f"a pipeline step did not finish in {timeout or self.timeout:.0f} s; stages: {self.device}") from None
+
+  def _call(self, run: Callable, logits: RemoteLogits | None = None, slot_starts: dict[int, int] | None = None):
+    """run(), and when a stage failed under it: wait for the stages, rebuild what a restarted one lost, run it again. With
+    `logits`, run() reads them: the step that made them runs again first."""
+    for attempt in range(self.max_recoveries + 1):
+      try:
+        if attempt:
+          self._recover(slot_starts or {})
+          if logits is not None: logits.ref = logits.redo().ref
+        return run()
+      except Exception as e:
+        if not self._stage_lost(e): raise self._error(e) from None
+        if attempt == self.max_recoveries: raise StageError(f"a stage kept failing ({self.max_recoveries} recoveries): {_cause(e)}") from None
+
+  def _stage_lost(self, e: Exception) -> bool:
+    ex = self.ray.exceptions
+    return isinstance(e, (ex.RayActorError, ex.ObjectLostError)) or (isinstance(e, ex.RayTaskError) and isinstance(e.cause, (ex.RayActorError, ex.ObjectLostError)))
+
+  def _error(self, e: Exception) -> Exception:
+    if isinstance(e, TgLlamaError): return e
+    cause = e.cause if isinstance(e, self.ray.exceptions.RayTaskError) else e
+    return cause if isinstance(cause, TgLlamaError) else StageError(f"a stage failed: {type(cause).__name__}: {cause}")
+
+  def _recover(self, slot_starts: dict[int, int]):
+    """Wait for every stage to answer; if one is a new process, fill its KV cache again from the slots' tokens (up to
+    where the failed step writes) and tell it the sampling state."""
+    deadline, infos = time.monotonic() + self.restart_timeout, []
+    for i, (stage, plan) in enumerate(zip(self.stages, self.plan)):
+      while True:
+        try:
+          infos.append(self.ray.get(stage.info.remote(), timeout=max(0.1, deadline - time.monotonic())))
+          break
+        except self.ray.exceptions.ActorUnavailableError as e:  # restarting: loading its shard again
+          if time.monotonic() < deadline:
+            time.sleep(0.1)
+            continue
+          error = e
+        except Exception as e: error = e
+        why = "died and cannot be restarted" if isinstance(error, self.ray.exceptions.ActorDiedError) else f"did not come back within {self.restart_timeout:.0f} s"
+        raise StageError(f"stage {i + 1} of {len(self.stages)} (layers {plan.layers} on node {plan.node_label}) {why}: {_cause(error)}") from None
+    restarted = [i for i, (old, new) in enumerate(zip(self.infos, infos)) if old["incarnation"] != new["incarnation"]]
+    self.infos = infos
+    if not restarted: return
+    self.recoveries += 1
+    for slot in self.cache.slots:
+      if not slot.busy: slot.tokens = []  # its prefix is gone from the restarted stage: never reused
+      elif tokens := slot.tokens[:slot_starts.get(slot.index, len(slot.tokens))]: self._prefill(slot.index, tokens, 0)
+    if len(self.stages) - 1 in restarted:
+      busy = [s for s in self.cache.slots if s.busy and s.index in self.sampler.params]
+      if busy: self.sampler.reset([self.sampler.params[s.index] for s in busy], [s.tokens for s in busy], [s.index for s in busy])
+
+def _cause(e: Exception) -> str:
+  msg = str(e).strip().splitlines()
+  return f"{type(e).__name__}: {msg[0] if msg else ''}"[:300]

@@ -1,0 +1,78 @@
+"""One stage of a pipeline: a layer shard in a process of its own (a Ray actor), with its own backend, KV cache slots and
+captured graphs (saved to and loaded from its node's graph cache, as one process does).
+
+The driver (tg_llama/cluster/pipeline.py) calls it with numpy arrays: token ids into the first stage, hidden states
+(float32) between stages. The last stage keeps its logits and samples from them when asked, so only token ids come back.
+Ray runs one actor's calls in the order a caller made them, so a stage needs no locks and no step numbers: its latest
+logits are those of the step the driver samples next."""
+from __future__ import annotations
+import atexit, multiprocessing.util, os, time
+import numpy as np
+from tinygrad import Device
+from tg_llama.engine.runner import ModelRunner, read
+
+class Stage:
+  def __init__(self, source: str | None, start_layer: int, end_layer: int, backend: str | None, dtype: str | None,
+               max_context: int, slots: int, quantize: str | None, graph_cache: bool = True):
+    started = time.perf_counter()
+    # when the driver goes, Ray ends this process; its exit must not wait on tinygrad's compile pool, whose shutdown can
+    # hang there for good (a stage left running, its threads polling). atexit runs the last registered first: after
+    # multiprocessing's own (registered when multiprocessing.util is first imported), so before it
+    atexit.register(os._exit, 0)
+    from tg_llama.api import DTYPES, build
+    from tg_llama.assets import resolve_model
+    from tg_llama.backend import resolve_backend
+    from tg_llama.convert import open_checkpoint
+    from tg_llama.jit_cache import GraphCache, graphs_enabled
+    self.backend = resolve_backend(backend)
+    self.dtype = DTYPES[dtype] if dtype else self.backend.dtype
+    self.checkpoint = open_checkpoint(resolve_model(source))
+    self.config, self.devices = self.checkpoint.config, ()
+    self.llama, self.quantization = build(self.checkpoint, self.backend.device, self.dtype, start_layer, end_layer, quantize=quantize)
+    self.runner = ModelRunner(self.llama, self.backend.device, self.dtype, max_context, slots)
+    self.graphs = GraphCache.for_model(self) if graphs_enabled(graph_cache) else None
+    if self.graphs is not None: self.graphs.load()
+    self.logits = None
+    self.busy_s, self.steps = 0.0, 0  # time inside rows(): the bench's stage compute, next to the pipeline's per-token time
+    # a new value each time the actor starts: the driver tells a restarted stage (its KV cache empty) by it
+    self.incarnation = os.urandom(8).hex()
+    self.load_s = time.perf_counter() - started
+
+  def info(self) -> dict:
+    import ray
+    return {"incarnation": self.incarnation, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
+            "device": self.backend.device, "dtype": self.dtype.name, "layers": (self.llama.start_layer, self.llama.end_layer),
+            "quantize": self.quantization["mode"], "load_s": self.load_s, "graphs_loaded": list(self.graphs.loaded) if self.graphs else [],
+            "busy_s": self.busy_s, "steps": self.steps}
+
+  def chunk(self, slot: int, x: np.ndarray, start: int) -> np.ndarray | None:
+    """A prefill chunk (tg_llama/engine/runner.py's run_chunk): the hidden states of its n tokens (n, dim) for the next
+    stage, or None on the last stage (its logits kept)."""
+    return self._out(self.runner.run_chunk(slot, x, start), lambda h: h[0, :len(x)])
+
+  def rows(self, rows: list[tuple[int, int]], x: np.ndarray) -> np.ndarray | None:
+    """A step of rows (run_rows): their hidden states (n, 1, dim) for the next stage, or None on the last stage."""
+    start = time.perf_counter()
+    out = self._out(self.runner.run_rows(rows, x), lambda h: h[:len(rows)])
+    if self.llama.is_last: Device[self.backend.device].synchronize()  # a GPU's graph may still run: its time is the stage's
+    self.busy_s, self.steps = self.busy_s + time.perf_counter() - start, self.steps + 1
+    return out
+
+  def _out(self, out, rows):
+    if self.graphs is not None: self.graphs.save_new()  # writes only when a graph was captured that the file lacks
+    if self.llama.is_last:
+      self.logits = out
+      return None
+    return np.ascontiguousarray(rows(read(out)))
+
+  def sample(self, slots: list[int | None], greedy_only: bool, mask: np.ndarray | None, *after) -> np.ndarray:
+    """Token ids from the latest logits (runner.sample). `after`: the last stage's output refs of the step, so that a
+    failed step fails this call too instead of sampling old logits."""
+    tokens = self.runner.sample(self.logits, slots, greedy_only, mask)
+    if self.graphs is not None: self.graphs.save_new()
+    return tokens
+
+  def host_logits(self, *after) -> np.ndarray: return self.logits.numpy()
+
+  def reset_sampler(self, params: list, prompts: list[list[int]], slots: list[int]):
+    self.runner.sampler.reset(params, prompts, slots)

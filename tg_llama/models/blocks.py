@@ -1,0 +1,74 @@
+"""The blocks every architecture shares: RoPE (half-split layout) and grouped-query attention over a KV cache slot per
+row. The norms are tinygrad's nn.RMSNorm. No weights are read here and no format is known."""
+from __future__ import annotations
+import math
+from typing import Callable, Sequence
+import numpy as np
+from tinygrad import Tensor, UOp
+from tinygrad.uop.ops import resolve
+from tg_llama.config import LlamaConfig
+
+# per row of a batch: (cache slot, start position), ints or bound symbolic variables
+Rows = Sequence[tuple["int | UOp", "int | UOp"]]
+
+def rope_tables(config: LlamaConfig, max_context: int, device: str) -> tuple[Tensor, Tensor]:
+  """cos and sin of shape (max_context, head_dim//2), float32."""
+  freqs = np.outer(np.arange(max_context, dtype=np.float64), np.array(config.rope_inv_freq(), dtype=np.float64))
+  return Tensor(np.cos(freqs).astype(np.float32), device=device).realize(), Tensor(np.sin(freqs).astype(np.float32), device=device).realize()
+
+def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+  # x: (B, H, T, head_dim) in the half-split layout; cos, sin: (T, head_dim//2)
+  x1, x2 = x.chunk(2, dim=-1)
+  cos, sin = cos.cast(x.dtype), sin.cast(x.dtype)
+  return (x1 * cos - x2 * sin).cat(x2 * cos + x1 * sin, dim=-1)
+
+def decode_attention(q: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+  """Attention of one query position over the cache: q (B, H, 1, hd), keys and values (B, KvH, P, hd), P symbolic.
+  Each key row serves its G = H/KvH query heads without being repeated, and each dot product is split into lanes of
+  4 whose partial sums are independent, so the CPU's kernels vectorize instead of running one add chain per score
+  (tg_llama/cpu_opts.py). The same numbers as scaled_dot_product_attention, accumulated in float32."""
+  B, H, _, hd = q.shape
+  KvH = keys.shape[1]
+  G = H // KvH
+  qg = q.float().reshape(B, KvH, G, 1, hd // 4, 4)
+  # an odd group (SmolLM2's 9 heads over 3) gets a zero query head: an even axis lets the CPU split the attention
+  # kernels over two cores (the cache length is symbolic, and 3 x 3 heads divide by nothing); sliced off below
+  if G % 2: qg = qg.pad((None, None, (0, 1), None, None, None))
+  scores = (qg * keys.float().reshape(B, KvH, 1, -1, hd // 4, 4)).sum(-2).sum(-1) * (1 / math.sqrt(hd))  # (B, KvH, G, P)
+  out = (scores.softmax(-1).unsqueeze(-1) * values.float().reshape(B, KvH, 1, -1, hd)).sum(-2).contiguous()  # (B, KvH, G, hd)
+  return out[:, :, :G].reshape(B, H, 1, hd).cast(q.dtype)
+
+class Attention:
+  def __init__(self, config: LlamaConfig, linear: Callable):
+    self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+    self.q_proj = linear(config.dim, config.n_heads * config.head_dim, bias=False)
+    self.k_proj = linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+    self.v_proj = linear(config.dim, config.n_kv_heads * config.head_dim, bias=False)
+    self.o_proj = linear(config.n_heads * config.head_dim, config.dim, bias=False)
+
+  def __call__(self, x: Tensor, cache: Tensor, rows: Rows, cos: Tensor, sin: Tensor) -> Tensor:
+    """x (B, T, dim): row b continues the sequence in cache slot rows[b][0] at position rows[b][1].
+    cache (2, slots, KvH, positions, hd) is written at those places, then read up to them."""
+    B, T, _ = x.shape
+    q = self.q_proj(x).reshape(B, T, self.n_heads, self.head_dim).transpose(1, 2)       # (B, H, T, hd)
+    k = self.k_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)    # (B, KvH, T, hd)
+    v = self.v_proj(x).reshape(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    kv = Tensor.stack(k, v).cast(cache.dtype)                                             # (2, B, KvH, T, hd)
+    stores = [cache[:, slot:slot+1, :, pos:pos+T, :].uop.store(kv[:, b:b+1].uop) for b, (slot, pos) in enumerate(rows)]
+    cache = Tensor(cache.uop.after(*stores))
+    outs = []
+    for b, (slot, pos) in enumerate(rows):
+      # each row attends over its own slot, up to its own position: a symbolic length per row
+      keys, values = cache[0, slot:slot+1, :, 0:pos+T, :].cast(x.dtype), cache[1, slot:slot+1, :, 0:pos+T, :].cast(x.dtype)
+      if resolve(T == 1): outs.append(decode_attention(q[b:b+1], keys, values))
+      else:
+        # causal mask aligned to the lower right: query t sees keys up to pos+t
+        mask = Tensor.full((1, 1, T, pos+T), float("-inf"), dtype=x.dtype, device=x.device).triu(pos+1)
+        outs.append(q[b:b+1].scaled_dot_product_attention(keys, values, attn_mask=mask, enable_gqa=True))  # (1, H, T, hd)
+    out = outs[0] if B == 1 else Tensor.cat(*outs)
+    return self.o_proj(out.transpose(1, 2).reshape(B, T, -1))
+
+  def linears(self) -> list[tuple[str, object, str]]:
+    """(name under this module, parent, attribute) of each linear, for quantization to swap."""
+    return [(name, self, name) for name in ("q_proj", "k_proj", "v_proj", "o_proj")]
