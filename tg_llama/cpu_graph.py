@@ -41,6 +41,12 @@ static int n_threads = 1;
 static volatile const uint64_t *job_table;
 static volatile int64_t job_n, job_gen;
 static volatile int64_t bar_count, bar_flag;
+static volatile long spin_after = 1L << 18;  // pauses spun after a replay before napping; 0: sleep until the next (tg_set_spin)
+static pthread_mutex_t job_mu = PTHREAD_MUTEX_INITIALIZER;
+static pthread_cond_t job_cv = PTHREAD_COND_INITIALIZER;
+static volatile int64_t sleepers;
+
+void tg_set_spin(long pauses) { spin_after = pauses; }
 
 static void barrier(int *sense) {
   *sense = !*sense;
@@ -76,8 +82,14 @@ static void *worker(void *arg) {
   for (;;) {
     // spin for a few milliseconds after each replay (the next token's comes soon), then sleep in short naps
     for (long spins = 0; __atomic_load_n(&job_gen, __ATOMIC_ACQUIRE) == seen; spins++) {
-      if (spins < (1L << 18)) _mm_pause();
-      else { struct timespec ts = {0, 50000}; nanosleep(&ts, 0); }
+      if (spins < spin_after) _mm_pause();
+      else if (spin_after == 0) {  // asleep until tg_run posts a job: no core taken while another process computes
+        pthread_mutex_lock(&job_mu);
+        __atomic_add_fetch(&sleepers, 1, __ATOMIC_SEQ_CST);
+        while (__atomic_load_n(&job_gen, __ATOMIC_SEQ_CST) == seen) pthread_cond_wait(&job_cv, &job_mu);
+        __atomic_sub_fetch(&sleepers, 1, __ATOMIC_SEQ_CST);
+        pthread_mutex_unlock(&job_mu);
+      } else { struct timespec ts = {0, 50000}; nanosleep(&ts, 0); }
     }
     seen++;
     run_part(tid, &sense);
@@ -103,7 +115,12 @@ int tg_start(int threads) {
 
 void tg_run(const uint64_t *table, int64_t n) {
   job_table = table; job_n = n;
-  __atomic_add_fetch(&job_gen, 1, __ATOMIC_ACQ_REL);
+  __atomic_add_fetch(&job_gen, 1, __ATOMIC_SEQ_CST);
+  if (__atomic_load_n(&sleepers, __ATOMIC_SEQ_CST)) {  // a worker counts itself before it looks at job_gen: none is missed
+    pthread_mutex_lock(&job_mu);
+    pthread_cond_broadcast(&job_cv);
+    pthread_mutex_unlock(&job_mu);
+  }
   run_part(0, &main_sense);  // ends with a barrier: every thread is done with every kernel
 }
 """
@@ -123,6 +140,7 @@ def runner() -> ctypes.CDLL:
     if lib is None or not lib.is_file() or private_dir.problem(lib) is not None: lib = _build(src, pathlib.Path(tmp), lib)
     dll = ctypes.CDLL(str(lib))
   dll.tg_run.argtypes, dll.tg_run.restype = [ctypes.c_void_p, ctypes.c_int64], None
+  dll.tg_set_spin.argtypes, dll.tg_set_spin.restype = [ctypes.c_long], None
   if dll.tg_start(threads()) != 0: raise OSError("could not start the CPU graph's threads")
   return dll
 
@@ -164,6 +182,12 @@ def runner_available() -> bool:
   return True
 
 def threads() -> int: return max(1, NUM_CPU_THREADS.value)
+
+def nap_between_replays():
+  """The runner's threads sleep right after a replay until the next one, instead of spinning a few milliseconds and then
+  napping 50 us at a time: for a process that shares its cores with another that runs in between (a pipeline's stages
+  on one machine), whose cores the spinning and the naps' wake-ups would take."""
+  if runner_available(): runner().tg_set_spin(0)
 
 _replaying = threading.Lock()  # one job table at a time: the runner's threads are shared by every graph
 

@@ -55,7 +55,8 @@ def load(source: str | pathlib.Path | None = None, stages: int | None = None, la
   started = time.perf_counter()
   actors = [remote.options(num_cpus=0, max_restarts=max_restarts, max_task_retries=0, name=None,
                            scheduling_strategy=NodeAffinitySchedulingStrategy(p.node, soft=False))
-            .remote(spec, p.start, p.end, p.backend, dtype, context, slots, quantize, graph_cache) for p in plan]
+            .remote(spec, p.start, p.end, p.backend, dtype, context, slots, quantize, graph_cache,
+                    shares_node=sum(q.node == p.node for q in plan) > 1) for p in plan]
   infos = []
   for i, (actor, p) in enumerate(zip(actors, plan)):
     try: infos.append(ray.get(actor.info.remote(), timeout=timeout))

@@ -13,7 +13,7 @@ from tg_llama.engine.runner import ModelRunner, read
 
 class Stage:
   def __init__(self, source: str | None, start_layer: int, end_layer: int, backend: str | None, dtype: str | None,
-               max_context: int, slots: int, quantize: str | None, graph_cache: bool = True):
+               max_context: int, slots: int, quantize: str | None, graph_cache: bool = True, shares_node: bool = False):
     started = time.perf_counter()
     # when the driver goes, Ray ends this process; its exit must not wait on tinygrad's compile pool, whose shutdown can
     # hang there for good (a stage left running, its threads polling). atexit runs the last registered first: after
@@ -30,6 +30,9 @@ class Stage:
     self.config, self.devices = self.checkpoint.config, ()
     self.llama, self.quantization = build(self.checkpoint, self.backend.device, self.dtype, start_layer, end_layer, quantize=quantize)
     self.runner = ModelRunner(self.llama, self.backend.device, self.dtype, max_context, slots)
+    if shares_node and self.backend.device.startswith("CPU"):
+      from tg_llama import cpu_graph
+      cpu_graph.nap_between_replays()  # the other stages here compute while this one waits: leave them the cores
     self.graphs = GraphCache.for_model(self) if graphs_enabled(graph_cache) else None
     if self.graphs is not None: self.graphs.load()
     self.logits = None
