@@ -9,7 +9,8 @@ import hashlib, os, pathlib, pickle, re, sqlite3, stat, subprocess, warnings
 import pytest
 import tinygrad.helpers as tg_helpers
 from tinygrad import Tensor, TinyJit
-from tg_llama import cli, cpu_graph
+from tg_llama import cli
+from tg_llama.cpu import graph as cpu_graph
 from tg_llama.backend import resolve_backend
 from tg_llama.jit_cache import GraphCache, _Reader, state_buffers
 
@@ -111,7 +112,7 @@ def test_a_real_graph_loads_with_the_allowed_classes(cache, tmp_path, monkeypatc
   assert set(fresh.graphs.load()) >= {"prefill", "decode1", "decode4", "decode8", "greedy1", "greedy4"}
   from tg_llama import jit_cache
   key = jit_cache.graph_key(model)  # the CPU's kernels are built with -march=native: another CPU gets other files
-  monkeypatch.setattr(jit_cache, "cpu_features", lambda: "flags : fpu sse2")
+  monkeypatch.setattr(cpu_graph, "cpu_features", lambda: "flags : fpu sse2")
   assert jit_cache.graph_key(model) != key
 
 def crafted(module: str, name: str, arg: str) -> bytes:

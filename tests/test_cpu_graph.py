@@ -1,7 +1,7 @@
-"""The CPU's own replay of captured graphs (tg_llama/cpu_graph.py) and its kernel choices (tg_llama/cpu_opts.py):
-replaying from C on several threads gives exactly what tinygrad's replay gives, graphs it cannot take fall back to
-tinygrad's, and the one-token products and decode attention it tunes compute the right numbers (checked against
-numpy, an independent implementation)."""
+"""The CPU's own replay of captured graphs (tg_llama/cpu/graph.py), its kernel choices (tg_llama/cpu/opts.py) and its
+layout (tg_llama/cpu/__init__.py's LAYOUT): replaying from C on several threads gives exactly what tinygrad's replay gives,
+graphs it cannot take fall back to tinygrad's, and the one-token products and decode attention it tunes compute the
+right numbers in the CPU's layout and in the plain one (checked against numpy, an independent implementation)."""
 from __future__ import annotations
 import pickle
 import numpy as np
@@ -10,7 +10,11 @@ from tinygrad import Tensor, UOp
 from tinygrad.engine.jit import CapturedJit
 from tinygrad.helpers import NUM_CPU_THREADS
 import tg_llama
-from tg_llama import cpu_graph, cpu_opts
+from tg_llama import cpu
+from tg_llama.backend import KernelLayout
+from tg_llama.cpu import graph as cpu_graph, opts as cpu_opts
+from tg_llama.engine.runner import Jit
+from tg_llama.linear import lanes_matvec
 from tg_llama.models.blocks import decode_attention
 from tg_llama.quantize import Int4Linear
 from tiny_models import PROMPT, hf_model, write_hf
@@ -40,18 +44,19 @@ def test_threaded_jit_pickles_as_tinygrads(tiny_path, monkeypatch):
 
 def test_graph_over_two_devices_falls_back():
   w = Tensor.randn(8, 16).shard(("CPU:0", "CPU:1"), axis=0).realize()
-  jit = cpu_graph.Jit(lambda x: (w @ x).realize())
+  jit = Jit(lambda x: (w @ x).realize())
   x = Tensor.randn(16).shard(("CPU:0", "CPU:1")).realize()
   for _ in range(3): out = jit(x)
   assert type(jit.captured) is CapturedJit  # tinygrad's replay: copies and several devices are not ours
   np.testing.assert_allclose(out.numpy(), w.numpy() @ x.numpy(), atol=1e-5)
 
-def test_decode_attention_matches_numpy():
-  B, H, KvH, hd, ctx = 1, 6, 2, 16, 64
+@pytest.mark.parametrize("layout", [cpu.LAYOUT, KernelLayout()], ids=["cpu", "plain"])
+def test_decode_attention_matches_numpy(layout):
+  B, H, KvH, hd, ctx = 1, 6, 2, 16, 64  # an odd group (3 query heads a KV head): padded in the CPU's layout
   rng = np.random.default_rng(0)
   cache = Tensor(rng.standard_normal((2, B, KvH, ctx, hd)).astype(np.float32)).realize()
   v_pos = UOp.variable("start_pos", 0, ctx - 1)
-  jit = cpu_graph.Jit(lambda q, pos: decode_attention(q, cache[0, :, :, 0:pos + 1], cache[1, :, :, 0:pos + 1]).realize())
+  jit = Jit(lambda q, pos: decode_attention(q, cache[0, :, :, 0:pos + 1], cache[1, :, :, 0:pos + 1], layout).realize())
   for pos in (0, 1, 9, 40, 63, 5):
     q = rng.standard_normal((B, H, 1, hd)).astype(np.float32)
     got = jit(Tensor(q).realize(), v_pos.bind(pos)).numpy()
@@ -61,6 +66,13 @@ def test_decode_attention_matches_numpy():
     p = np.exp(s - s.max(-1, keepdims=True))
     np.testing.assert_allclose(got, (p / p.sum(-1, keepdims=True)) @ v, atol=1e-5, rtol=1e-5)
 
+@pytest.mark.parametrize("n_lanes", [None, 1, 16])  # the CPU's layout (64 lanes here), the plain product, and 16 lanes
+def test_one_token_product_matches_numpy(n_lanes):
+  rng = np.random.default_rng(2)
+  w, x = rng.standard_normal((96, 128)).astype(np.float32), rng.standard_normal((1, 1, 128)).astype(np.float32)
+  got = lanes_matvec(Tensor(x), Tensor(w), n_lanes).numpy()
+  np.testing.assert_allclose(got.reshape(-1), w @ x.reshape(-1), atol=1e-4, rtol=1e-5)
+
 @pytest.mark.skipif(NUM_CPU_THREADS.value < 2, reason="threads need two cores")
 def test_one_token_products_are_threaded_and_right():
   cpu_opts.install()
@@ -68,7 +80,7 @@ def test_one_token_products_are_threaded_and_right():
   w = rng.standard_normal((576, 576)).astype(np.float32)
   layer = Int4Linear(576, 576)
   for name, t in Int4Linear.quantize(Tensor(w)).items(): setattr(layer, name, t.contiguous().realize())
-  jit = cpu_graph.Jit(lambda x: layer(x).realize())
+  jit = Jit(lambda x: layer(x).realize())
   x = rng.standard_normal((1, 1, 576)).astype(np.float32)
   for _ in range(3): got = jit(Tensor(x).realize()).numpy()
   lo, hi = layer.weight.numpy() & 15, layer.weight.numpy() >> 4

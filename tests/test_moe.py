@@ -3,8 +3,10 @@
 file against transformers run on the weights gguf-py decodes it to) for the prompt and token by token through the
 engine's KV cache, and its greedy tokens. int8/int4 quantize the experts; a decode step reads only the routed experts;
 layer shards and devices split the model. tinygrad schedules each new call shape for seconds, so each model here is
-loaded once and run through few shapes."""
-import json
+loaded once and run through few shapes. Last, a one-layer Mixtral GGUF that carries a SentencePiece vocabulary goes
+through `tg-llama bench`, `generate` and `chat` in subprocesses; the text they print is transformers' greedy tokens as
+the sentencepiece library decodes them."""
+import json, os, pathlib, subprocess, sys
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,7 @@ from tg_llama.errors import CheckpointError
 from tg_llama.parallel import place_input
 from tg_llama.quantize import Int4Experts, Int8Experts, build_layer
 from test_quantize import np_int4, np_int4_dequant, np_int8
+from test_sentencepiece_gguf import add_vocab, meta_chat_ids, sp  # noqa: F401 (sp: the trained SentencePiece model, a fixture)
 from tiny_models import (MIXTRAL, PROMPT, dequantized_copy, gguf_roundtrip, mixtral_model, reference_greedy, reference_logits,
                          write_gguf, write_hf)
 
@@ -155,3 +158,68 @@ def test_config(mixtral):
   assert (preset.n_layers, preset.n_experts, preset.n_active_experts, preset.shard_plan(4)[1]) == (32, 8, 2, (8, 16))
   shapes = canonical_shapes(preset, 8, 16)
   assert len(shapes) == 8 * 10 and shapes["model.layers.8.block_sparse_moe.experts.w2.weight"] == (8, 4096, 14336)
+
+# *** a Mixtral GGUF with a SentencePiece vocabulary, through the command line ***
+
+@pytest.fixture(scope="module")
+def spm_mixtral(sp, tmp_path_factory):
+  """The tiny Mixtral cut to one layer, its vocabulary `sp`'s 800 pieces (the embedding and head resized, the new rows
+  random), as a GGUF that carries `sp` as convert_hf_to_gguf.py writes it and no chat template (Llama 2's is the
+  fallback). Float32 and one layer, as each command schedules its graphs anew: Q8_0 (its layers built at load,
+  other kernels) costs some 40% more CPU time, and test_gguf checks the blocks."""
+  import gguf
+  from gguf.scripts.gguf_new_metadata import copy_with_new_metadata
+  model = mixtral_model()
+  model.model.layers, model.config.num_hidden_layers = model.model.layers[:1], 1
+  model.resize_token_embeddings(sp.vocab_size(), mean_resizing=False)
+  tmp = tmp_path_factory.mktemp("spm_mixtral")
+  reader = gguf.GGUFReader(write_gguf(model, tmp / "gpt2_vocab.gguf"))
+  w = gguf.GGUFWriter(str(tmp / "mixtral.gguf"), "llama")
+  add_vocab(w, sp, sp.vocab_size())
+  copy_with_new_metadata(reader, w, {}, [name for name in reader.fields if name.startswith("tokenizer.")])
+  return model, tmp / "mixtral.gguf"
+
+def cli(*args: str, stdin: str = "", cache: pathlib.Path) -> str:
+  """`tg-llama ARGS --backend cpu` in a subprocess, its kernels and graphs cached in `cache`: its stdout, once it exited 0
+  without a traceback."""
+  env = {**os.environ, "TG_LLAMA_CACHE": str(cache), "XDG_CACHE_HOME": str(cache / "xdg")}
+  r = subprocess.run([str(pathlib.Path(sys.executable).with_name("tg-llama")), *args, "--backend", "cpu"], input=stdin, env=env,
+                     capture_output=True, text=True, timeout=600)
+  assert r.returncode == 0 and "Traceback" not in r.stderr, r.stderr
+  return r.stdout
+
+def continuation(model: MixtralForCausalLM, sp, ids: list[int]) -> str:
+  """transformers' greedy tokens after `ids`, up to 8 or the end-of-sequence token, decoded by the sentencepiece library:
+  what the prompt's decoding grows by (the dummy prefix's space kept, as a streamed continuation keeps it)."""
+  new = reference_greedy(model, ids, 8)
+  if sp.eos_id() in new: new = new[:new.index(sp.eos_id())]
+  return sp.decode(ids + new)[len(sp.decode(ids)):]
+
+# The three commands share a kernel and graph cache, a context of 32 and prompts that run as steps of 5 to 8 rows, so
+# that generate and chat replay the graphs bench captured (in this order; apart each compiles its own). Measured on 2
+# busy cores, in CPU time: bench 54 s (compiling), generate 3 s, chat 12 s (its warm-up's 2-row graph).
+
+@pytest.fixture(scope="module")
+def cli_cache(tmp_path_factory): return tmp_path_factory.mktemp("cli_cache")
+
+def test_spm_gguf_bench(spm_mixtral, cli_cache):
+  _, path = spm_mixtral
+  out = cli("bench", "--model", str(path), "--prompt-tokens", "24", "--gen-tokens", "8", "--runs", "1", cache=cli_cache).splitlines()
+  header = next(line for line in out if "prefill tok/s" in line)
+  assert "decode tok/s" in header and any(line.startswith("tg-llama CPU float32 quantize=none ") for line in out), out
+  assert any(line.startswith("tg-llama under a JSON schema: ") for line in out), out  # constrained decoding over this vocabulary
+
+def test_spm_gguf_generate(spm_mixtral, sp, cli_cache):
+  model, path = spm_mixtral
+  prompt = "The quick brown fox jumps"
+  ids = [sp.bos_id(), *sp.encode(prompt)]
+  out = cli("generate", "--model", str(path), "--max-context", "32", "--prompt", prompt, "--max-new-tokens", "8", cache=cli_cache)
+  assert len(ids) == 23 and out == prompt + continuation(model, sp, ids) + "\n"
+
+def test_spm_gguf_chat(spm_mixtral, sp, cli_cache):
+  """Prompted by the Llama 2 template, as Meta's code builds its ids."""
+  model, path = spm_mixtral
+  ids = meta_chat_ids(sp, [{"role": "user", "content": "Hello there"}])
+  out = cli("chat", "--model", str(path), "--max-context", "32", "--temperature", "0", "--repetition-penalty", "1", "--max-new-tokens", "8",
+            stdin="Hello there\n", cache=cli_cache)
+  assert len(ids) == 23 and out == continuation(model, sp, ids) + "\n" and out.strip()

@@ -87,7 +87,7 @@ def test_layer_error(name):
   y, y_ref = X @ W.T, X @ deq.T
   several = layer(Tensor(X)).numpy()                                            # a prefill chunk: (1, 16, 128)
   np.testing.assert_allclose(several[0], y_ref[0], rtol=1e-4, atol=1e-5)
-  for rows in (1, 2, 5, 8):  # a decode batch of that many sequences, one token each: each kernel choice of cpu_opts
+  for rows in (1, 2, 5, 8):  # a decode batch of that many sequences, one token each: each kernel choice of cpu/opts.py
     got = layer(Tensor(X[0, :rows].reshape(rows, 1, 128))).numpy()
     np.testing.assert_allclose(got[:, 0], y_ref[0, :rows], rtol=1e-4, atol=1e-5, err_msg=f"{rows} rows")
   err = np.linalg.norm(several - y) / np.linalg.norm(y)

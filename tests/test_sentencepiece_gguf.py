@@ -4,6 +4,7 @@ normalization, split digits, whitespace-only pieces, the dummy prefix), written 
 convert_hf_to_gguf.py writes one. Then a tiny Llama with that vocab, loaded by tg_llama.load, chats through the
 Llama 2 template (Meta's generation.py ids, transformers' rendering) and generates what transformers generates."""
 import io, math, random, sys, time
+import numpy as np
 import pytest
 import sentencepiece
 import torch
@@ -137,6 +138,15 @@ def test_long_texts(sp, tok):
   # no word boundary for a long way: cut anywhere, only tokens at the cuts may differ
   run = CORPUS["cjk"] * (2 * MAX_CHUNK // len(CORPUS["cjk"]))
   assert tok.decode(tok.encode(run)) == run
+
+def test_constraint_forces_text_without_the_dummy_prefix(tok):
+  """llguidance tokenizes the text a grammar forces as the middle of an answer: a JSON array starts with '[', never with
+  the dummy prefix's space that encoding '[' alone gives (tg_llama/constraint.py)."""
+  from tg_llama import constraint
+  row = np.zeros(constraint.words(tok.vocab_size), dtype=np.int32)
+  constraint.compile(tok, json_schema={"type": "array"}).matcher().fill(row)
+  allowed = {tok.token_bytes(i) for i in range(tok.vocab_size) if row[i // 32] >> (i % 32) & 1}
+  assert allowed and all(p.startswith(b"[") for p in allowed), allowed
 
 def test_strings_python_cannot_encode(tok):
   assert tok.decode(tok.encode("a\ud800b")) == "a\ufffdb"  # a lone surrogate becomes U+FFFD, as tiktoken does

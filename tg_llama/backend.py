@@ -11,6 +11,11 @@ runner is a shared library), so a backend's folder is used only while it is this
 made 0700 with a 0600 cache.db, and refused, with one warning, when the root, the folder or a file of ours in it is
 another user's or writable by group or others. Then nothing is cached: kernels go to a temporary folder of the process.
 
+A backend whose kernels need more than tinygrad gives them keeps that in a package of its own, imported only when the backend
+is resolved: tg_llama/cpu/ (the CPU's graph runner and kernel choices). What it asks of the model's code is a KernelLayout:
+how reductions are written so that its code generator vectorizes them (the model, written for any layout, asks for the
+one of the device its tensors are on).
+
 Not here: spreading one model over several devices (see load_shard), choosing kernels (BEAM is tinygrad's knob)."""
 from __future__ import annotations
 import contextlib, ctypes, functools, os, pathlib, sqlite3, threading, warnings
@@ -19,7 +24,7 @@ from tinygrad import Device, dtypes
 from tinygrad.dtype import DType
 from tinygrad.helpers import DEV, Context
 import tinygrad.helpers as tg_helpers
-from tg_llama import cpu_opts, private_dir
+from tg_llama import private_dir
 from tg_llama.errors import TgLlamaError
 
 # our names -> tinygrad device prefixes
@@ -28,8 +33,8 @@ BACKENDS = {"cpu": "CPU", "opencl": "CL", "cuda": "CUDA", "nv": "NV", "amd": "AM
 ALIASES = {"cl": "opencl"}
 NAMES = {prefix: name for name, prefix in BACKENDS.items()}
 # what tg-llama and tinygrad write in a backend's cache folder: trusted only when they are the user's own, cleared by name
-CACHE_FILES = ("cache.db", "cache.db-wal", "cache.db-shm", "cache.db-journal", "graphs/*.pkl", "graph_runner_*.so")
-PARTIAL_FILES = ("graphs/.tmp-*.tmp", ".tmp-graph_runner_*.so")  # being written, or left by a process that died writing
+CACHE_FILES = ("cache.db", "cache.db-wal", "cache.db-shm", "cache.db-journal", "graphs/*.pkl", "graph_runner_*.so", "tuned.json")
+PARTIAL_FILES = ("graphs/.tmp-*.tmp", ".tmp-graph_runner_*.so", ".tmp-tuned-*.json")  # being written, or left by a process that died writing
 # where each backend's set-up is written down (NV is NVIDIA without CUDA's runtime, HIP is AMD through ROCm)
 SETUP_DOCS = {"cpu": "cpu", "opencl": "opencl", "cuda": "cuda", "nv": "cuda", "amd": "amd", "hip": "amd", "metal": "metal"}
 
@@ -39,6 +44,23 @@ class Backend:
   device: str               # tinygrad's: "CPU", "CL", "CUDA:1", ...
   dtype: DType              # the compute dtype for weights, activations and the KV cache
   cache_dir: pathlib.Path | None  # compiled kernels (cache.db) and anything else kept between runs; None: not this user's alone
+
+@dataclass(frozen=True)
+class KernelLayout:
+  """How the model writes its reductions for a backend: the same numbers in any layout, summed in another order."""
+  dot_lanes: int = 1        # a dot product over a head (decode attention's scores) as this many independent partial sums
+  matvec_lanes: int = 1     # the most lanes of a one-token matrix-vector product (tg_llama/linear.py's lanes_matvec)
+  even_groups: bool = False # an odd group of query heads per KV head padded to an even count (decode attention)
+
+def kernel_layout(device: str | tuple[str, ...]) -> KernelLayout:
+  """The layout for tensors on `device` (or on devices of one backend): the plain one, but on the CPU its own."""
+  if not on_cpu(device): return KernelLayout()
+  from tg_llama import cpu
+  return cpu.LAYOUT
+
+def on_cpu(device: str | tuple[str, ...]) -> bool:
+  """Whether `device` (tinygrad's name, or a tuple of them for a tensor split over devices) is the CPU backend's."""
+  return (device[0] if isinstance(device, tuple) else device).split(":")[0] == "CPU"
 
 def cache_root() -> pathlib.Path:
   if root := os.environ.get("TG_LLAMA_CACHE"): return pathlib.Path(root).expanduser().absolute()
@@ -80,7 +102,9 @@ def resolve_backend(name: str | None = None) -> Backend:
     raise TgLlamaError(f"backend {backend_name!r} (tinygrad device {device}) is not available on this machine ({probe_error}); "
                        f"available here: {', '.join(others) or 'none'}{doc}")
   prefix = device.split(":")[0]
-  if prefix == "CPU": cpu_opts.install()
+  if prefix == "CPU":
+    from tg_llama import cpu  # only here: no other backend imports it
+    cpu.install()
   if DEV.device != prefix:  # a backend named by us, not by DEV: tinygrad's default device follows it
     DEV.value = prefix
     os.environ["DEV"] = prefix  # as tinygrad does, for the processes it spawns

@@ -8,6 +8,8 @@ What is measured, on a synthetic prompt of `--prompt-tokens` ids (the speed does
   decode      (gen tokens - 1) / time from the first token to the last, greedy; the median of `--runs`
   bandwidth   bytes read per decoded token (every weight but the embedding table, one embedding row, and the
               KV cache at the mean position) x decode tokens/s, next to a large numpy copy's (read + write) rate
+  peak RSS    the process's highest resident memory, next to its bound: 1.25 x (the checkpoint's bytes + the KV cache's);
+              a GGUF's blocks are kept as read from the file, so a second copy of the weights would break it
   sampled     decode with the chat's default sampling (`tg-llama chat`'s temperature, top-p, repetition penalty)
   constrained decode under a JSON schema that cannot end within the run (an array of 1000+ objects), and the
               matcher's time per token (mask + advance), from replaying the first run's tokens through a fresh matcher
@@ -26,7 +28,11 @@ LLAMA_CPP_INSTALL = ('CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p = argparse.ArgumentParser(prog="tg-llama bench", description=__doc__.split("\n\n")[0])
-  p.add_argument("--model", help="a GGUF file or a checkpoint directory (default: the bundled SmolLM2-135M-Instruct)")
+  which = p.add_mutually_exclusive_group()
+  which.add_argument("--model", help="a GGUF file or a checkpoint directory (default: the bundled SmolLM2-135M-Instruct)")
+  which.add_argument("--synthetic", metavar="PRESET", help="instead: a model of a published size (llama-3.2-1b, llama-2-7b, ...: "
+                                                          "tg_llama/config.py's presets) with random Q4_1 weights, its GGUF written "
+                                                          "once into the cache folder (tg_llama/synthetic.py)")
   p.add_argument("--backend", help="cpu, opencl, cuda, ... (default: $TG_LLAMA_BACKEND, else tinygrad's $DEV)")
   p.add_argument("--dtype", choices=["float32", "float16", "bfloat16"], help="compute dtype (default: the backend's)")
   p.add_argument("--quantize", choices=["none", "int8", "int4", "gguf"], default=None,
@@ -60,6 +66,18 @@ def synthetic_prompt(n: int, vocab: int, run: int) -> list[int]:
   return [(run * 7919 + i * 104729) % (vocab - 256) + 256 for i in range(n)]
 
 def peak_rss_mb() -> float: return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+RSS_SLACK = 1.25  # the bound on peak memory: the checkpoint and its KV cache, plus 25% (issue 13)
+
+def checkpoint_mb(path: pathlib.Path) -> float:
+  """A GGUF file's size, or the sum of a checkpoint directory's files."""
+  return (path.stat().st_size if path.is_file() else sum(f.stat().st_size for f in path.rglob("*") if f.is_file())) / 2**20
+
+def memory_bound(model, path: pathlib.Path) -> dict:
+  """Peak RSS against RSS_SLACK x (checkpoint + KV cache), in MB as peak_rss_mb counts them."""
+  file_mb, kv_mb, peak = checkpoint_mb(path), model.runner.cache.nbytes() / 2**20, peak_rss_mb()
+  return {"peak_rss_mb": peak, "checkpoint_mb": file_mb, "kv_cache_mb": kv_mb, "rss_bound_mb": RSS_SLACK * (file_mb + kv_mb),
+          "rss_within_bound": peak <= RSS_SLACK * (file_mb + kv_mb)}
 
 def machine_copy_gb_s(nbytes: int = 256 << 20, repeats: int = 5) -> float:
   """A plain large numpy copy: (read + write) bytes per second, the best of a few."""
@@ -111,9 +129,13 @@ def bench_ours(args, path: pathlib.Path) -> dict:
   sampled = bench_sampled(model, args)
   nbytes = bytes_per_token(model, P + G / 2)
   dtype = {"float": "float32", "half": "float16", "__bf16": "bfloat16"}.get(model.dtype.name, model.dtype.name)
-  return {"name": "tg-llama", "device": model.device, "dtype": dtype, "quantize": model.quantization["mode"],
+  kernels = "tinygrad's heuristic"
+  if model.backend.name == "cpu":  # tg_llama.cpu is imported only on the CPU backend
+    from tg_llama.cpu import tune
+    kernels = tune.describe()
+  return {"name": "tg-llama", "device": model.device, "dtype": dtype, "quantize": model.quantization["mode"], "kernel_choices": kernels,
           "load_s": load_s, "ttft_cold_s": ttft_cold, "ttft_warm_s": ttft_warm, "prefill_tok_s": P / ttft_warm,
-          "decode_tok_s": decode, "decode_tok_s_runs": [d for _, d in timed], "peak_rss_mb": peak_rss_mb(), "vocab_size": vocab,
+          "decode_tok_s": decode, "decode_tok_s_runs": [d for _, d in timed], **memory_bound(model, path), "vocab_size": vocab,
           "bytes_per_token": nbytes, "achieved_gb_s": nbytes * decode / 1e9, **sampled, **constrained}
 
 def median_decode(generate, args, vocab: int) -> tuple[float, list[int]]:
@@ -210,7 +232,7 @@ def table(result: dict) -> str:
   rows.append((f"tg-llama {ours['device']} {ours['dtype']} quantize={ours['quantize']}", f"{ours['prefill_tok_s']:.1f}",
                f"{ours['decode_tok_s']:.1f}", f"{ours['ttft_cold_s']:.2f}", f"{ours['ttft_warm_s']:.2f}", f"{ours['peak_rss_mb']:.0f}",
                f"{ours['achieved_gb_s']:.2f} ({100 * ours['achieved_gb_s'] / copy:.0f}% of {copy:.1f})"))
-  notes = []
+  notes = [f"kernel choices: {ours['kernel_choices']}"]
   for peer in result["compare"]:
     if "skipped" in peer:
       notes.append(f"{peer['name']}: {peer['skipped']}")
@@ -226,6 +248,8 @@ def table(result: dict) -> str:
   knobs = ", ".join(f"{k} {v}" for k, v in ours["sampling"].items())
   notes.append(f"tg-llama with the chat's sampling ({knobs}): {ours['sampled_decode_tok_s']:.1f} decode tok/s "
                f"({100 * ours['sampled_decode_tok_s'] / ours['decode_tok_s']:.0f}% of greedy)")
+  notes.append(f"peak RSS {ours['peak_rss_mb']:.0f} MB {'within' if ours['rss_within_bound'] else 'OVER'} the bound of "
+               f"{ours['rss_bound_mb']:.0f} MB = {RSS_SLACK} x (checkpoint {ours['checkpoint_mb']:.0f} MB + KV cache {ours['kv_cache_mb']:.0f} MB)")
   if "constrained_decode_tok_s" in ours: notes.append(f"tg-llama under a JSON schema: {ours['constrained_decode_tok_s']:.1f} decode tok/s "
                f"({100 * ours['constrained_decode_tok_s'] / ours['decode_tok_s']:.0f}% of unconstrained), "
                f"matcher {ours['matcher_us_per_token']:.0f} us/token (mask + advance)")
@@ -233,6 +257,9 @@ def table(result: dict) -> str:
 
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
+  if args.synthetic:  # then run as on --model
+    from tg_llama import synthetic
+    args.model = str(synthetic.cached_file(args.synthetic, context=args.prompt_tokens + args.gen_tokens))
   if args.concurrency:
     from tg_llama import bench_serve
     return bench_serve.main(args, args.concurrency)

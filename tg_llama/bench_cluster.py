@@ -37,9 +37,9 @@ def main(args) -> int:
   pipe = load(path, stages=args.stages, address=args.cluster, backend=args.backend, dtype=args.dtype, max_context=context, quantize=args.quantize)
   warm_up(pipe)
   stages = run_model(pipe, args, time.perf_counter() - start)
-  before = [pipe.runner.ray.get(s.info.remote()) for s in pipe.runner.stages]
+  before = pipe.runner.stage_infos()
   n = len(list(pipe.generate(synthetic_prompt(args.prompt_tokens, pipe.config.vocab_size, 99), args.gen_tokens)))
-  after = [pipe.runner.ray.get(s.info.remote()) for s in pipe.runner.stages]
+  after = pipe.runner.stage_infos()
   # the steps of the last generation: the rows of its prompt's rest, then one per token
   compute = [(a["busy_s"] - b["busy_s"]) / max(a["steps"] - b["steps"], 1) for a, b in zip(after, before)]
   stages.update(ray_start_s=ray_s, stage_ms_per_token=[1e3 * c for c in compute], hops_ms_per_token=1e3 / stages["decode_tok_s"] - 1e3 * sum(compute),

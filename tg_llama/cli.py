@@ -1,4 +1,4 @@
-"""The `tg-llama` command: chat, generate, serve, convert, bench, cache. Errors print one line, never a traceback."""
+"""The `tg-llama` command: chat, generate, serve, convert, bench, tune, cache. Errors print one line, never a traceback."""
 from __future__ import annotations
 import argparse, pathlib, sys, time
 from tg_llama.errors import InvalidArgumentError, TgLlamaError
@@ -154,6 +154,23 @@ def cmd_convert(args) -> int:
   print(f"\nconverted {args.src} -> {out}", file=sys.stderr)
   return 0
 
+def cmd_tune(args) -> int:
+  from tg_llama.assets import resolve_model
+  from tg_llama.backend import cache_folder
+  from tg_llama.cpu import tune
+  if (folder := cache_folder("cpu")) is None:
+    raise TgLlamaError("the CPU backend's cache folder is not yours alone, so no tuned table can be kept there (see the warning)")
+  if not args.force and (old := tune.this_machines(tune.read_tables(folder))) is not None:
+    print(tune.summary(old))
+    print(f"{tune.describe(folder)}; `tg-llama tune --force` searches again", file=sys.stderr)
+    return 0
+  path, start = resolve_model(args.model), time.perf_counter()
+  table = tune.tune(path, lambda line: print(line, file=sys.stderr, flush=True), quantize=args.quantize)
+  written = tune.write(table, folder)
+  print(tune.summary(table))
+  print(f"tuned in {time.perf_counter() - start:.0f} s: {tune.describe(folder)}; wrote {written}", file=sys.stderr)
+  return 0
+
 def build_parser() -> argparse.ArgumentParser:
   parser = argparse.ArgumentParser(prog="tg-llama", description="Llama-family models on any tinygrad backend.")
   sub = parser.add_subparsers(dest="command", required=True)
@@ -192,6 +209,14 @@ def build_parser() -> argparse.ArgumentParser:
   p.set_defaults(func=cmd_convert)
   p = sub.add_parser("bench", help="prefill/decode speed, time to first token, memory, bandwidth (see tg-llama bench --help)", add_help=False)
   p.set_defaults(func=None)
+  p = sub.add_parser("tune", help="search the CPU backend's kernel choices on this machine (a few minutes, once)",
+                     description="Time a few tilings of each kernel kind the CPU backend chooses itself (matrix products, attention) "
+                                 "for a model, and keep the fastest in the cache for this CPU and tinygrad version; models loaded on "
+                                 "the CPU use them from then on (the defaults without it). Prints a table of what it chose.")
+  p.add_argument("--model", help="the model whose kernels to tune (default: the bundled SmolLM2-135M-Instruct)")
+  p.add_argument("--quantize", choices=["none", "int8", "int4", "gguf"], default=None, help="as the model will be run (default: as for chat)")
+  p.add_argument("--force", action="store_true", help="search again though this machine has a table")
+  p.set_defaults(func=cmd_tune)
   p = sub.add_parser("cache", help="show or clear the per-backend kernel caches")
   p.add_argument("--clear", action="store_true", help="delete them (only the files tg-llama wrote)")
   p.add_argument("--backend", default=None, help="only this backend's")

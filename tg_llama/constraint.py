@@ -15,7 +15,7 @@ says so (`closed`). Not here: logit bias, token healing, speculative fast-forwar
 from __future__ import annotations
 import json, threading
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Callable
 import numpy as np
 from tg_llama.errors import InvalidArgumentError
 if TYPE_CHECKING: from tg_llama.tokenizer import Tokenizer
@@ -130,5 +130,20 @@ def _build(tokenizer: Tokenizer):
     eos_token_id, bos_token_id = tokenizer.eos_id if tokenizer.eos_id is not None else min(tokenizer.stop_ids), tokenizer.bos_id
     tokens = tokenizer.pieces
     special_token_ids = sorted({*tokenizer.special_tokens.values(), *tokenizer.added_tokens.values()})
-    def __call__(self, s: str | bytes) -> list[int]: return tokenizer.encode(s.decode("utf-8", errors="replace") if isinstance(s, bytes) else s)
+    def __call__(self, s: str | bytes) -> list[int]: return encode(s.decode("utf-8", errors="replace") if isinstance(s, bytes) else s)
+  encode = _encode_inside(tokenizer)
   return llguidance.LLTokenizer(llguidance.TokenizerWrapper(View()), eos_token=sorted(tokenizer.stop_ids))
+
+def _encode_inside(tokenizer: Tokenizer) -> Callable[[str], list[int]]:
+  """How llguidance must tokenize text: as the middle of an answer (the bytes a grammar forces), so without
+  sentencepiece's dummy prefix, which puts a space in front ('[' as ' ', '['; llguidance sets its own tokenizers'
+  Metaspace prepend_scheme to never). As its llama.cpp wrapper does (python_ext/src/llamatokenizer.rs at c75b0d9): put
+  a sentinel in front, a control character that is a token no other token extends (nor a space and it), so that it
+  merges with nothing, and drop the sentinel's tokens."""
+  if not tokenizer.strip_prefix_space: return tokenizer.encode
+  pieces = set(tokenizer.pieces)
+  extended = {p[:n] for p in pieces for n in (1, 2) if len(p) > n}  # the first 1 and 2 bytes of each longer token
+  sentinel = next((chr(b) for b in range(1, 32) if bytes([b]) in pieces - extended and b" " + bytes([b]) not in pieces | extended), None)
+  if sentinel is None: raise InvalidArgumentError("constrained decoding needs a sentencepiece vocabulary with a byte token of a control character (1-31)")
+  head = tokenizer.encode(sentinel)
+  return lambda text: tokenizer.encode(sentinel + text)[len(head):]

@@ -37,7 +37,7 @@ from tinygrad.helpers import BEAM, JIT, JIT_BATCH_SIZE, getenv
 from tinygrad.nn.state import get_state_dict
 from tinygrad.uop.ops import AddrSpace, Ops, UOp
 from tg_llama import private_dir
-from tg_llama.cpu_graph import cpu_features
+from tg_llama.backend import on_cpu
 if TYPE_CHECKING: from tg_llama.api import Model
 
 FORMAT = 1  # bump when what the files hold changes: old files then get a new key and are never read
@@ -81,11 +81,22 @@ def code_identity(model: Model) -> str:
   """The source of the modules that built the graphs: the model's layers' (a quantized Linear's too), the Model's, and every
   tg_llama module they import. Graphs replay the code that captured them, so an edit to any of these must miss the cache;
   the front ends (cli, bench, chat) are not among them."""
-  todo, seen = [type(model).__module__, *{type(o).__module__ for o in _objects(model.llama)}], set()
+  return _source_identity([type(model).__module__, *{type(o).__module__ for o in _objects(model.llama)}])
+
+def backend_identity(model: Model) -> tuple:
+  """What the graphs owe to the backend's own code, where it has some: on the CPU, tg_llama/cpu's source (its layout and
+  kernel choices) and the CPU's features (tinygrad builds CPU kernels with -march=native, for this CPU's instruction set)."""
+  if not on_cpu(model.backend.device): return ()
+  from tg_llama.cpu import graph, opts, tune  # all, whether this process has imported them yet or not: the key must not change
+  return _source_identity([graph.__name__, opts.__name__]), graph.cpu_features(), tune.fingerprint()  # + the tuned choices in use
+
+def _source_identity(todo: list[str]) -> str:
+  # the source of these modules and of every tg_llama module they import (modules, and classes and functions of others)
+  seen = set()
   while todo:
     if (name := todo.pop()) in seen or name.split(".")[0] != __name__.split(".")[0]: continue
     seen.add(name)
-    for v in vars(sys.modules[name]).values():  # what the module imported: modules, and classes and functions of others
+    for v in vars(sys.modules[name]).values():
       if isinstance(module := v.__name__ if isinstance(v, types.ModuleType) else getattr(v, "__module__", None), str): todo.append(module)
   return _hash_files(tuple(sorted(sys.modules[name].__file__ for name in seen)))
 
@@ -111,7 +122,7 @@ def graph_key(model: Model) -> str:
            getattr(renderer, "target", None), type(renderer.compiler).__name__, JIT.value, JIT_BATCH_SIZE.value,
            getenv("JITBEAM", BEAM.value), file_identity(model.checkpoint.path), repr(model.config), model.dtype.name,
            runner.max_context, runner.prefill_chunk, runner.slots, model.devices, (llama.start_layer, llama.end_layer), state,
-           cpu_features() if model.backend.device.startswith("CPU") else None)  # tinygrad builds CPU kernels with -march=native
+           backend_identity(model))
   return hashlib.sha256(repr(parts).encode()).hexdigest()[:32]
 
 def _tinygrad_version() -> str:

@@ -1,21 +1,31 @@
-"""The float linear layer the model uses, with a matrix-vector product for one token that tinygrad's CPU
-code generator turns into vectorized code; and a mixture's stacked experts (Experts), of which a token reads only its own.
+"""The float linear layer the model uses, with a matrix-vector product for one token written in the backend's layout; and a
+mixture's stacked experts (Experts), of which a token reads only its own.
 
 For one token, `x @ w.T` renders as one serial float chain per output (the reduction axis is innermost), which
 clang cannot vectorize without reassociating. Splitting the reduction as (in/A, A) and adding the A partial
 sums last gives A independent accumulators that it does vectorize: measured on DEV=CPU, 2 cores, float32,
 576x1536 0.86 -> 0.16 ms, 3072x576 0.60 -> 0.28 ms, 576x576 0.36 -> 0.15 ms (the 49152x576 head is
-memory-bound either way). Several tokens (a decode batch, a prefill chunk) take the plain matmul, which
-tg_llama/cpu_opts.py tiles by their count."""
+memory-bound either way). So the CPU's layout (tg_llama/backend.py's KernelLayout, the CPU's in tg_llama/cpu/) splits
+one token's products into up to 64 lanes; other backends' take the plain product, which their own heuristics tune.
+Several tokens (a decode batch, a prefill chunk) take the plain matmul, which tg_llama/cpu/opts.py tiles by their count
+on the CPU."""
 from __future__ import annotations
 from tinygrad import Tensor
 from tinygrad.helpers import prod
+from tg_llama.backend import kernel_layout
 
-MAX_MATVEC_ROWS = 8  # a quantized layer's decode batch: each weight row is read once for all of them (tg_llama/cpu_opts.py)
+MAX_MATVEC_ROWS = 8  # a quantized layer's decode batch: each weight row is read once for all of them (tg_llama/cpu/opts.py)
 
-def lanes(n: int, rows: int = 1) -> int:
-  """The widest lane count (up to 64 lanes for all the rows together) that splits a reduction of length n."""
-  return next(a for a in (64, 32, 16, 8, 4, 2, 1) if n % a == 0 and a * rows <= 64 or a == 1)
+def lanes(n: int, rows: int, widest: int) -> int:
+  """The widest lane count (up to `widest` lanes for all the rows together) that splits a reduction of length n."""
+  return next(a for a in (64, 32, 16, 8, 4, 2, 1) if n % a == 0 and a * rows <= widest or a == 1)
+
+def dot(a: Tensor, b: Tensor, n_lanes: int = 1) -> Tensor:
+  """(a * b).sum(-1), broadcast, over their last axis K; with n_lanes > 1 summed as (K/n_lanes, n_lanes), the n_lanes partial
+  sums added last: independent accumulators, which the CPU's compiler vectorizes (the same sum, added in another order)."""
+  if n_lanes == 1: return (a * b).sum(-1)
+  split = lambda t: t.reshape(*t.shape[:-1], t.shape[-1] // n_lanes, n_lanes)
+  return (split(a) * split(b)).sum(-2).sum(-1)
 
 def matvec_rows(x: Tensor) -> bool:
   """Whether x (..., K) is a decode step's few rows, for a matrix-vector product, not a prefill chunk's matmul."""
@@ -25,13 +35,15 @@ def one_row(x: Tensor) -> bool: return all(isinstance(s, int) and s == 1 for s i
 
 def lanes_matvec(x: Tensor, w: Tensor, n_lanes: int | None = None, scale: Tensor | None = None) -> Tensor:
   """x (..., K) with one row, w (N, K) of any dtype or a dequantizing expression: x @ w.T, the reduction split into
-  `n_lanes` (default: the widest that divides K), times `scale` (N,) inside the same kernel when given.
+  `n_lanes` (default: the widest that divides K in the backend's layout, 1 where it takes the plain product), times
+  `scale` (N,) inside the same kernel when given.
   Input and output are made contiguous: otherwise tinygrad fuses the previous elementwise op (SwiGLU's silu * up)
   into the load and recomputes it for every output row, or fuses gate and up (one input) into one slower kernel."""
   (N, K) = w.shape
   # a weight split over devices on its input axis: each device's part of the reduction splits into lanes
-  A = n_lanes or lanes(K // len(w.device) if isinstance(w.device, tuple) and w.uop.axis == 1 else K, prod(x.shape[:-1]))
-  y = (x.contiguous().reshape(*x.shape[:-1], 1, K // A, A) * w.cast(x.dtype).reshape(N, K // A, A)).sum(-2).sum(-1)
+  A = n_lanes or lanes(K // len(w.device) if isinstance(w.device, tuple) and w.uop.axis == 1 else K, prod(x.shape[:-1]),
+                       kernel_layout(x.device).matvec_lanes)
+  y = dot(x.contiguous().reshape(*x.shape[:-1], 1, K), w.cast(x.dtype), A)
   return (y if scale is None else y * scale).contiguous()
 
 class Linear:

@@ -5,7 +5,7 @@ the slots' bookkeeping (which tokens each KV cache slot holds) stay in the drive
 holds its layers' keys and values for every slot. A step's inputs go to the first stage, each stage's hidden states go to
 the next as a Ray object (the driver never waits between stages: Ray passes a call's result to the call that takes it),
 and the last stage keeps the logits and samples, so one step costs the stages' compute plus a hop per stage and one for
-the sampled tokens.
+the sampled tokens (the sampling call is sent with the step, not after it).
 
 Faults: a stage actor is restarted by Ray (`max_restarts`) and loads its shard again. The driver sees the step fail,
 waits for every stage to answer, and when one came back as a new process (its KV cache empty) runs every busy slot's
@@ -29,9 +29,10 @@ from tg_llama.cluster.plan import StagePlan
 class StageError(TgLlamaError): pass
 
 class RemoteLogits:
-  """A step's logits, on the last stage: (bucket, vocab) as a local runner's would be; numpy() fetches them."""
-  def __init__(self, pipeline: PipelineRunner, rows: int, ref, redo: Callable):
-    self.pipeline, self.shape, self.ref, self.redo = pipeline, (rows, pipeline.config.vocab_size), ref, redo
+  """A step's logits, on the last stage: (bucket, vocab) as a local runner's would be; numpy() fetches them. `redo` runs
+the step again; `slot_starts`: where the step writes in each slot (a recovery refills the slots up to there)."""
+  def __init__(self, pipeline: PipelineRunner, rows: int, ref, redo: Callable, slot_starts: dict[int, int]):
+    self.pipeline, self.shape, self.ref, self.redo, self.slot_starts = pipeline, (rows, pipeline.config.vocab_size), ref, redo, slot_starts
 
   def numpy(self) -> np.ndarray: return self.pipeline._call(lambda: self.pipeline._get(self.pipeline.stages[-1].host_logits.remote(self.ref)), self)
 
@@ -63,6 +64,10 @@ class PipelineRunner:
 
   def bucket(self, n: int) -> int: return next(b for b in self.buckets if b >= n)
 
+  def stage_infos(self) -> list[dict]:
+    """Each stage's info now (tg_llama/cluster/stage.py Stage.info): its process, device, layers, time spent in steps."""
+    return self._get([stage.info.remote() for stage in self.stages])
+
   def graphs_loaded(self) -> set[str]:
     """The graphs every stage that runs them loaded from its cache (the sampling heads run on the last stage only)."""
     names = set().union(*(info["graphs_loaded"] for info in self.infos))
@@ -71,7 +76,7 @@ class PipelineRunner:
   # *** what the engine calls ***
 
   def prefill(self, slot: int, tokens: Sequence[int], start: int) -> RemoteLogits:
-    run = lambda: RemoteLogits(self, 1, self._prefill(slot, list(tokens), start), run)
+    run = lambda: RemoteLogits(self, 1, self._prefill(slot, list(tokens), start), run, {slot: start})
     return self._call(run, slot_starts={slot: start})
 
   def decode(self, rows: Sequence[tuple[int, int, int]]) -> RemoteLogits:
@@ -81,8 +86,9 @@ class PipelineRunner:
     def run():
       x = np.array([[t] for _, _, t in rows], dtype=np.int32)
       for stage in self.stages: x = stage.rows.remote([(s, p) for s, p, _ in rows], x)
-      self._get(x)
-      return RemoteLogits(self, self.bucket(len(rows)), x, run)
+      # not waited for: sample() takes the step's ref, so a step costs one round trip; a step that failed fails sample()
+      # too, whose recovery runs the step again
+      return RemoteLogits(self, self.bucket(len(rows)), x, run, starts)
     return self._call(run, slot_starts=starts)
 
   def sample(self, logits: RemoteLogits, slots: Sequence[int | None], greedy_only: bool, mask: np.ndarray | None = None) -> np.ndarray:
@@ -104,12 +110,12 @@ class PipelineRunner:
       raise StageError(f"a pipeline step did not finish in {timeout or self.timeout:.0f} s; stages: {self.device}") from None
 
   def _call(self, run: Callable, logits: RemoteLogits | None = None, slot_starts: dict[int, int] | None = None):
-    """run(), and when a stage failed under it: wait for the stages, rebuild what a restarted one lost, run it again. With
-    `logits`, run() reads them: the step that made them runs again first."""
+    """run(), and when a stage failed under it: wait for the stages, refill what a restarted one lost (each slot up to
+    where the step writes), run it again. With `logits`, run() reads them: the step that made them runs again first."""
     for attempt in range(self.max_recoveries + 1):
       try:
         if attempt:
-          self._recover(slot_starts or {})
+          self._recover(logits.slot_starts if logits is not None else slot_starts or {})
           if logits is not None: logits.ref = logits.redo().ref
         return run()
       except Exception as e:

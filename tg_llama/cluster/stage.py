@@ -21,7 +21,7 @@ class Stage:
     atexit.register(os._exit, 0)
     from tg_llama.api import DTYPES, build
     from tg_llama.assets import resolve_model
-    from tg_llama.backend import resolve_backend
+    from tg_llama.backend import on_cpu, resolve_backend
     from tg_llama.convert import open_checkpoint
     from tg_llama.jit_cache import GraphCache, graphs_enabled
     self.backend = resolve_backend(backend)
@@ -30,9 +30,9 @@ class Stage:
     self.config, self.devices = self.checkpoint.config, ()
     self.llama, self.quantization = build(self.checkpoint, self.backend.device, self.dtype, start_layer, end_layer, quantize=quantize)
     self.runner = ModelRunner(self.llama, self.backend.device, self.dtype, max_context, slots)
-    if shares_node and self.backend.device.startswith("CPU"):
-      from tg_llama import cpu_graph
-      cpu_graph.nap_between_replays()  # the other stages here compute while this one waits: leave them the cores
+    if shares_node and on_cpu(self.backend.device):
+      from tg_llama.cpu import graph
+      graph.nap_between_replays()  # the other stages here compute while this one waits: leave them the cores
     self.graphs = GraphCache.for_model(self) if graphs_enabled(graph_cache) else None
     if self.graphs is not None: self.graphs.load()
     self.logits = None

@@ -1,7 +1,7 @@
 """The model runner: a model (or a layer shard of one) on one backend, its KV cache of S slots, and the captured graphs that
 run it.
 
-Graphs (TinyJit, replayed from C on the CPU by tg_llama/cpu_graph.py): one prefill of a fixed-size chunk of one
+Graphs (Jit: tinygrad's TinyJit, replayed from C on the CPU by tg_llama/cpu/graph.py): one prefill of a fixed-size chunk of one
 sequence, and per batch bucket (1, 2, 4, 8, ... up to max(S, 8) rows) one step of one token per row and its greedy and
 sampling heads. A row is a (slot, position, token): the next token of a generating sequence, or one token of a prompt's
 short rest (several rows of one slot at consecutive positions: every row's keys and values are written before any row
@@ -24,8 +24,9 @@ from typing import Sequence
 import numpy as np
 from tinygrad import Device, Tensor, UOp, dtypes
 from tinygrad.dtype import DType, _to_np_dtype
+from tinygrad.engine.jit import _TinyJit
+from tg_llama.backend import on_cpu
 from tg_llama.config import LlamaConfig
-from tg_llama.cpu_graph import Jit
 from tg_llama.engine.kv_cache import KVCache
 from tg_llama.models.llama import Llama
 from tg_llama.parallel import place_input, shard_model
@@ -37,6 +38,21 @@ MIN_ROWS = 8  # rows a step can take even with fewer slots: a short prompt rest 
 def buckets(rows: int) -> tuple[int, ...]:
   """Batch sizes with a decode graph each: powers of two below `rows`, and `rows`."""
   return tuple(sorted({*(1 << i for i in range(rows.bit_length()) if 1 << i < rows), rows}))
+
+class Jit(_TinyJit):
+  """tinygrad's TinyJit. A graph it captures (or is given, tg_llama/jit_cache.py) on CPU tensors is offered to the CPU backend's
+  own replay (tg_llama/cpu/graph.py, imported only then), which takes it when every kernel runs on the CPU; any other graph
+  replays through tinygrad."""
+  offered = None  # the captured graph last offered: each once
+
+  def __call__(self, *args, **kwargs):
+    ret = super().__call__(*args, **kwargs)
+    if self.captured is not None and self.captured is not self.offered:
+      if any(isinstance(t, Tensor) and on_cpu(t.device) for t in (*args, *kwargs.values())):
+        from tg_llama.cpu import graph
+        graph.install(self)
+      self.offered = self.captured
+    return ret
 
 class ModelRunner:
   def __init__(self, llama: Llama, device: str, dtype: DType, max_context: int, slots: int = 1, prefill_chunk: int = 64,

@@ -1,12 +1,15 @@
 """The blocks every architecture shares: RoPE (half-split layout) and grouped-query attention over a KV cache slot per
-row. The norms are tinygrad's nn.RMSNorm. No weights are read here and no format is known."""
+row. The norms are tinygrad's nn.RMSNorm. No weights are read here and no format is known, nor any backend: where the
+way a reduction is written matters to one (decode attention's scores), the backend's KernelLayout says how."""
 from __future__ import annotations
 import math
 from typing import Callable, Sequence
 import numpy as np
 from tinygrad import Tensor, UOp
 from tinygrad.uop.ops import resolve
+from tg_llama.backend import KernelLayout, kernel_layout
 from tg_llama.config import LlamaConfig
+from tg_llama.linear import dot
 
 # per row of a batch: (cache slot, start position), ints or bound symbolic variables
 Rows = Sequence[tuple["int | UOp", "int | UOp"]]
@@ -22,19 +25,19 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
   cos, sin = cos.cast(x.dtype), sin.cast(x.dtype)
   return (x1 * cos - x2 * sin).cat(x2 * cos + x1 * sin, dim=-1)
 
-def decode_attention(q: Tensor, keys: Tensor, values: Tensor) -> Tensor:
+def decode_attention(q: Tensor, keys: Tensor, values: Tensor, layout: KernelLayout = KernelLayout()) -> Tensor:
   """Attention of one query position over the cache: q (B, H, 1, hd), keys and values (B, KvH, P, hd), P symbolic.
-  Each key row serves its G = H/KvH query heads without being repeated, and each dot product is split into lanes of
-  4 whose partial sums are independent, so the CPU's kernels vectorize instead of running one add chain per score
-  (tg_llama/cpu_opts.py). The same numbers as scaled_dot_product_attention, accumulated in float32."""
+  Each key row serves its G = H/KvH query heads without being repeated. The scores' dot products are written in the
+  backend's layout: in `layout.dot_lanes` partial sums, and with an odd G padded to an even one (a zero query head, sliced
+  off below) where `layout.even_groups` (the CPU's, tg_llama/cpu/: its attention kernels split over two cores then).
+  The same numbers as scaled_dot_product_attention, accumulated in float32."""
   B, H, _, hd = q.shape
   KvH = keys.shape[1]
   G = H // KvH
-  qg = q.float().reshape(B, KvH, G, 1, hd // 4, 4)
-  # an odd group (SmolLM2's 9 heads over 3) gets a zero query head: an even axis lets the CPU split the attention
-  # kernels over two cores (the cache length is symbolic, and 3 x 3 heads divide by nothing); sliced off below
-  if G % 2: qg = qg.pad((None, None, (0, 1), None, None, None))
-  scores = (qg * keys.float().reshape(B, KvH, 1, -1, hd // 4, 4)).sum(-2).sum(-1) * (1 / math.sqrt(hd))  # (B, KvH, G, P)
+  qg = q.float().reshape(B, KvH, G, 1, hd)
+  if layout.even_groups and G % 2: qg = qg.pad((None, None, (0, 1), None, None))
+  lanes = layout.dot_lanes if hd % layout.dot_lanes == 0 else 1
+  scores = dot(qg, keys.float().reshape(B, KvH, 1, -1, hd), lanes) * (1 / math.sqrt(hd))  # (B, KvH, G, P)
   out = (scores.softmax(-1).unsqueeze(-1) * values.float().reshape(B, KvH, 1, -1, hd)).sum(-2).contiguous()  # (B, KvH, G, hd)
   return out[:, :, :G].reshape(B, H, 1, hd).cast(q.dtype)
 
@@ -61,7 +64,7 @@ class Attention:
     for b, (slot, pos) in enumerate(rows):
       # each row attends over its own slot, up to its own position: a symbolic length per row
       keys, values = cache[0, slot:slot+1, :, 0:pos+T, :].cast(x.dtype), cache[1, slot:slot+1, :, 0:pos+T, :].cast(x.dtype)
-      if resolve(T == 1): outs.append(decode_attention(q[b:b+1], keys, values))
+      if resolve(T == 1): outs.append(decode_attention(q[b:b+1], keys, values, kernel_layout(x.device)))
       else:
         # causal mask aligned to the lower right: query t sees keys up to pos+t
         mask = Tensor.full((1, 1, T, pos+T), float("-inf"), dtype=x.dtype, device=x.device).triu(pos+1)

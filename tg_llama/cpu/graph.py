@@ -12,17 +12,22 @@ of the core_id argument, and the arguments. Buffer addresses are fixed once a gr
 plan does not move), so only the input buffers' addresses and the symbolic variables (start_pos) are written
 into the table before each replay.
 
+The engine's Jit (tg_llama/engine/runner.py) hands each graph it captures or loads on the CPU to install(). The table is
+read from tinygrad's internals (the CapturedJit's linear, each kernel's program info and runtime, each buffer's address):
+when this tinygrad lacks one, the graph replays through tinygrad, after one warning naming what is missing.
+
 Not here: other backends (their own graph runners exist in tinygrad), graphs with copies or several devices
 (those replay through tinygrad as before)."""
 from __future__ import annotations
 import contextlib, ctypes, functools, hashlib, os, pathlib, platform, subprocess, tempfile, threading, warnings
 import numpy as np
-from tinygrad.engine.jit import CapturedJit, _TinyJit
-from tinygrad.engine.realize import get_call_arg_uops, get_runtime
+import tinygrad.engine.realize as realize
+from tinygrad.engine.jit import CapturedJit
 from tinygrad.helpers import NUM_CPU_THREADS
 from tinygrad.uop.ops import Ops, UOp
 from tg_llama import private_dir
 from tg_llama.backend import cache_folder
+from tg_llama.cpu import fall_back
 
 MAX_ARGS = 24  # arguments a kernel may take here (tinygrad's CPU programs allow 63; ours use about 10)
 WORDS = 3 + MAX_ARGS  # per kernel: function, core parts, core_id slot, arguments
@@ -193,15 +198,15 @@ _replaying = threading.Lock()  # one job table at a time: the runner's threads a
 
 class CPUGraph:
   """The kernel table of one captured linear, bound to its buffers."""
-  def __init__(self, linear: UOp, input_uops: tuple[UOp, ...] | list[UOp]):
+  def __init__(self, linear: UOp):
     self.table = np.zeros((len(linear.src), WORDS), dtype=np.uint64)
     self.input_slots: list[tuple[int, int, int]] = []  # (row, column, input index)
     self.var_slots: list[tuple[int, int, str]] = []    # (row, column, variable name)
     for row, call in enumerate(linear.src):
       prg = call.src[0]
-      info, args = prg.arg, get_call_arg_uops(call)
+      info, args = prg.arg, realize.get_call_arg_uops(call)
       bufs = [args[i] for i in info.globals]
-      runtime = get_runtime(call.src[1].device, prg)
+      runtime = realize.get_runtime(call.src[1].device, prg)
       self.table[row, 0], self.table[row, 1], self.table[row, 2] = runtime.addr, int(info.global_size[0]), MAX_ARGS
       for col, b in enumerate(bufs):
         if b.op is Ops.PARAM: self.input_slots.append((row, 3 + col, b.arg.slot))
@@ -227,33 +232,35 @@ def supported(captured: CapturedJit) -> bool:
   """Every call a CPU kernel on one device, with arguments that are plain buffers (no views of inputs), not too many."""
   for call in captured.linear.src:
     if call.src[0].op is not Ops.PROGRAM or not isinstance(call.src[1].device, str) or not call.src[1].device.startswith("CPU"): return False
-    if not all(b.op is Ops.PARAM or _is_view_of_buffer(b) for b in get_call_arg_uops(call)): return False
+    if not all(b.op is Ops.PARAM or _is_view_of_buffer(b) for b in realize.get_call_arg_uops(call)): return False
     if len(call.src[0].arg.globals) + len(call.src[0].arg.vars) > MAX_ARGS: return False
   return True
 
 class ThreadedJit(CapturedJit):
   """A CapturedJit replayed by CPUGraph; pickles as a plain CapturedJit."""
-  graph: CPUGraph | None = None
+  @classmethod
+  def of(cls, captured: CapturedJit) -> ThreadedJit:
+    """`captured`, its kernel table built now: what it needs of tinygrad's internals is found here, or not at all."""
+    self = cls(captured.ret, captured._linear, captured.expected_names, captured.expected_input_info)
+    self.graph, self.written = CPUGraph(self.linear), self._written_uops
+    return self
 
   def __call__(self, input_uops, var_vals):
-    if any(u in self._written_uops for u in input_uops): return super().__call__(input_uops, var_vals)
-    if self.graph is None: self.graph = CPUGraph(self.linear, input_uops)
+    if any(u in self.written for u in input_uops): return super().__call__(input_uops, var_vals)
     self.graph(input_uops, var_vals)
     return self.ret
 
   def __reduce__(self): return CapturedJit, (self.ret, self._linear, self.expected_names, self.expected_input_info)
 
-def install(jit: _TinyJit) -> None:
-  """Make a TinyJit that has captured its graph replay it through CPUGraph, when it runs CPU kernels only."""
+def install(jit) -> None:
+  """Make a TinyJit that holds a captured graph replay it through CPUGraph, when it runs CPU kernels only.
+  TG_LLAMA_CPU_GRAPH=0 keeps tinygrad's own replay, as does a tinygrad that lacks what the table is read from."""
   captured = jit.captured
   if captured is None or isinstance(captured, ThreadedJit) or os.environ.get("TG_LLAMA_CPU_GRAPH", "1") == "0": return
-  if not supported(captured) or not runner_available(): return
-  jit.captured = ThreadedJit(captured.ret, captured._linear, captured.expected_names, captured.expected_input_info)
-
-class Jit(_TinyJit):
-  """tinygrad's TinyJit, replayed through CPUGraph once captured (or loaded) when its kernels all run on the CPU.
-  TG_LLAMA_CPU_GRAPH=0 keeps tinygrad's own replay."""
-  def __call__(self, *args, **kwargs):
-    ret = super().__call__(*args, **kwargs)
-    install(self)
-    return ret
+  try:
+    if not supported(captured) or not runner_available(): return
+    threaded = ThreadedJit.of(captured)
+  except AttributeError as e:  # read from tinygrad's CapturedJit, engine.realize, a kernel's program info or runtime, a buffer
+    fall_back("replaying captured graphs on the CPU", f"{getattr(e.obj, '__name__', type(e.obj).__name__)}.{e.name}")
+    return
+  jit.captured = threaded

@@ -1,20 +1,25 @@
 """Kernel optimizations for one-token decoding on tinygrad's CPU backend: matrix-vector products and attention.
 
-tg_llama/linear.py writes a one-token product as a reduction split into lanes: rows x (K/A) x A, both reduce axes.
-tinygrad 0.14's hand-coded heuristic upcasts the row axis of such a kernel by 3 once it has 1024 rows or more,
-which keeps clang from vectorizing the lanes (48 scalar accumulators), and threads it only above 128K
-operations per thread. For these kernels we choose instead: split the rows over the cores (THREAD) and unroll
-the lane axis into one vector, nothing else; attention's weights x values, a reduction over the cache length,
+tg_llama/linear.py writes a one-token product in the CPU's layout (tg_llama/cpu/__init__.py's LAYOUT) as a reduction split
+into lanes: rows x (K/A) x A, both reduce axes. tinygrad 0.14's hand-coded heuristic upcasts the row axis of such a kernel
+by 3 once it has 1024 rows or more, which keeps clang from vectorizing the lanes (48 scalar accumulators), and threads it
+only above 128K operations per thread. For these kernels we choose instead: split the rows over the cores (THREAD) and
+unroll the lane axis into one vector, nothing else; attention's weights x values, a reduction over the cache length,
 gets its head dimension upcast whole (independent vector accumulators instead of one chain per output); a prefill
 chunk's matrix product gets a register tile and threads. Measured on DEV=CPU, 2 cores, Q4_1 blocks (GB/s of weights):
-1536x576 9.6 -> 23.3, 3072x576 10.0 -> 34.7, 49152x576 10.0 -> 30.0, 576x576 13.7 -> 23.6 (tg_llama/cpu_graph.py
+1536x576 9.6 -> 23.3, 3072x576 10.0 -> 34.7, 49152x576 10.0 -> 30.0, 576x576 13.7 -> 23.6 (tg_llama/cpu/graph.py
 runs the per-core parts on separate threads; tinygrad alone runs them one after another). Decode attention over
-300 positions (9 heads, GQA 3, head_dim 64): 437 -> 44 us per layer with model.decode_attention.
+300 positions (9 heads, GQA 3, head_dim 64): 437 -> 44 us per layer with models/blocks.py's decode_attention.
 
 Every other kernel, and every kernel of other backends or under BEAM search, keeps tinygrad's own choice. The
 choice is made where tinygrad calls its heuristic, so compiled kernels and their caches are tinygrad's as usual.
-tinygrad lowers kernels in a pool of spawned worker processes: install() makes that pool's workers install the
-same choice when they start."""
+No per-kernel seam of tinygrad's serves here: its one, KernelInfo.opts_to_apply (the opts a CONTIGUOUS carries into its
+kernel), is fixed while the tensor graph is built, before tinygrad splits it into kernels and numbers their axes, where
+ours are read off the lowered kernel's shape (and it would bind them on every device and under BEAM too). So install()
+rebinds tinygrad's heuristic for the whole process, to a function that gives tinygrad's own choice for every kernel not
+ours (every kernel of another device). tinygrad lowers kernels in a pool of spawned worker processes: install() makes
+that pool's workers install the same choice when they start. When tinygrad lacks what this rebinds or reads, nothing
+is rebound (one warning)."""
 from __future__ import annotations
 import atexit, multiprocessing
 import tinygrad.codegen.opt.heuristic as heuristic
@@ -22,18 +27,21 @@ import tinygrad.codegen.opt.search as search
 import tinygrad.engine.realize as realize
 import tinygrad.engine.worker as worker
 from tinygrad.codegen.opt import KernelOptError, Opt, OptOps
+from tinygrad.codegen.opt.postrange import Scheduler
 from tinygrad.helpers import NUM_CPU_THREADS, PARALLEL, getenv
 from tinygrad.uop.ops import AxisType, Ops, UOp
+from tg_llama.cpu import LAYOUT, fall_back
 
-_hand_coded = heuristic.hand_coded_optimizations
-MAX_LANES = 64
+_theirs = getattr(heuristic, "hand_coded_optimizations", None)  # tinygrad's, taken before install() rebinds it
+MAX_LANES = LAYOUT.matvec_lanes  # the widest lane axis the CPU's layout writes
 
 def _is_decode_length(s) -> bool:
   """The cache length one decoded token attends over: start_pos + 1 (a prefill chunk's is start_pos + T)."""
   return isinstance(s, UOp) and s.op is Ops.ADD and s.src[1].op is Ops.CONST and s.src[1].arg == 1
 
-def _opts(k) -> list[Opt] | None:
-  """Our choice for the kernel, or None for tinygrad's."""
+def rule(k) -> tuple[str, list[Opt]] | None:
+  """The name of our rule that claims the kernel (its kind, as tg_llama/cpu/tune.py's table names it) and its default
+  choice, or None for tinygrad's."""
   shape, types = k.full_shape, k.axis_types
   reduce = [i for i, t in enumerate(types) if t is AxisType.REDUCE]
   outs = [i for i, t in enumerate(types) if t in (AxisType.WEAK, AxisType.LOOP, AxisType.GLOBAL)]
@@ -43,7 +51,7 @@ def _opts(k) -> list[Opt] | None:
   def thread_axis(axes: list[int]) -> int | None:  # the first of these output axes the cores divide
     return next((i for i in axes if known[i] and threads > 1 and shape[i] % threads == 0), None)
   # a lanes reduction: rows x (K/A) x A (linear.lanes_matvec), or decode attention's scores, heads x positions x
-  # (hd/A) x A (model.decode_attention). Threads over the first output axis they divide, the lane axis unrolled
+  # (hd/A) x A (models/blocks.py's decode_attention). Threads over the first output axis they divide, the lane axis unrolled
   # whole into one vector, nothing else. A prefill chunk's scores (queries x cache length x (hd/A) x A) also get 4
   # queries per key row read: 207 -> 283 tokens/s of prefill
   lanes = reduce == [len(shape) - 2, len(shape) - 1] and known[-1] and 4 <= shape[-1] <= MAX_LANES
@@ -58,7 +66,7 @@ def _opts(k) -> list[Opt] | None:
     # (measured on one core: the Q8_0 head 49152x576 12.6 -> 2.8 ms, int8 1536x576 0.47 -> 0.18 ms; Q4 and float
     # unchanged)
     if not kv_length and (step := next((u for u in (3, 2) if shape[1] % u == 0), None)): opts.append(Opt(OptOps.UNROLL, 0, step))
-    return opts
+    return ("matvec" if not kv_length else "decode scores" if _is_decode_length(shape[kv_length[0]]) else "prefill scores"), opts
   # a quantized layer's product for a decode batch of 2-8 rows: batch x rows x (K/A) x A. The batch axis upcast whole, so that each
   # weight is decoded once for every row of the batch. From 4 rows on, also 4 output rows per step (each input read once
   # for them) and short unrolls (every partial sum stays in a register): 8 x (1536x576) Q4_1 on one core 1.50 -> 0.53 ms,
@@ -67,30 +75,45 @@ def _opts(k) -> list[Opt] | None:
     axis = thread_axis([1])
     opts = [Opt(OptOps.THREAD, axis, threads)] if axis is not None else []
     if shape[0] >= 4 and shape[1] % (4 * (threads if axis is not None else 1)) == 0 and shape[3] % 4 == 0:
-      return opts + [Opt(OptOps.UPCAST, 1, 4), Opt(OptOps.UPCAST, 0, shape[0]), Opt(OptOps.UNROLL, 1, 4)] + \
+      return "batch matvec", opts + [Opt(OptOps.UPCAST, 1, 4), Opt(OptOps.UPCAST, 0, shape[0]), Opt(OptOps.UNROLL, 1, 4)] + \
              ([Opt(OptOps.UNROLL, 0, 2)] if shape[2] % 2 == 0 else [])
-    return opts + [Opt(OptOps.UPCAST, 0, shape[0]), Opt(OptOps.UNROLL, 1, 0)]
+    return "batch matvec", opts + [Opt(OptOps.UPCAST, 0, shape[0]), Opt(OptOps.UNROLL, 1, 0)]
   # a matrix product of a decode batch: 2-8 tokens x rows x K, all known. Threads over the rows, every token times 4 rows
   # in registers (each weight read once for the whole batch), K unrolled by 4: measured 8 x (1536x576) float32 on one
   # core 8.8 GFLOPS as a lanes reduction -> 30
   if len(shape) == 3 and reduce == [2] and all(known) and 2 <= shape[0] <= 8 and shape[1] % (4 * threads) == 0 and shape[2] % 4 == 0:
-    return ([Opt(OptOps.THREAD, 1, threads)] if threads > 1 else []) + [Opt(OptOps.UPCAST, 1, 4), Opt(OptOps.UPCAST, 0, shape[0]), Opt(OptOps.UNROLL, 0, 4)]
+    return "batch matmul", ([Opt(OptOps.THREAD, 1, threads)] if threads > 1 else []) + [Opt(OptOps.UPCAST, 1, 4), Opt(OptOps.UPCAST, 0, shape[0]), Opt(OptOps.UNROLL, 0, 4)]
   # a matrix product of a prefill chunk: tokens x rows x K, all known. Threads over the rows, a 4 tokens x 8 rows
   # register tile, K unrolled by 8: measured 64x576 @ 576x1536 float32 9.5 -> 40.6 GFLOPS on 2 cores
   if len(shape) == 3 and reduce == [2] and all(known) and shape[0] % 4 == 0 and shape[1] % (8 * threads) == 0 and shape[2] % 8 == 0:
-    return ([Opt(OptOps.THREAD, 1, threads)] if threads > 1 else []) + [Opt(OptOps.UPCAST, 1, 8), Opt(OptOps.UPCAST, 0, 4), Opt(OptOps.UNROLL, 0, 8)]
+    return "prefill matmul", ([Opt(OptOps.THREAD, 1, threads)] if threads > 1 else []) + [Opt(OptOps.UPCAST, 1, 8), Opt(OptOps.UPCAST, 0, 4), Opt(OptOps.UNROLL, 0, 8)]
   # decode attention's weights x values, a reduction over the cache length: the head dimension (last output axis)
   # upcast whole, so that each position updates independent vector accumulators instead of one chain per output
   hd = shape[outs[-1]]
   if reduce == [len(shape) - 1] and _is_decode_length(shape[-1]) and known[outs[-1]] and hd % 16 == 0 and hd <= 256:
     axis = thread_axis(outs[:-1])  # heads over cores
-    return ([Opt(OptOps.THREAD, axis, threads)] if axis is not None else []) + \
+    return "decode values", ([Opt(OptOps.THREAD, axis, threads)] if axis is not None else []) + \
            [Opt(OptOps.UPCAST, outs[-1], 16)] + ([Opt(OptOps.UPCAST, outs[-1], hd // 16)] if hd > 16 else [])
   return None
 
+# the choices of tg_llama/cpu/tune.py's table in use, by (kind, shape_key): they replace a rule's default where they apply.
+# One table per process, like the heuristic rebound below: install() sets it, and hands it to the compile workers
+TUNED: dict[tuple[str, tuple[int, ...]], tuple[Opt, ...]] = {}
+
+def shape_key(k) -> tuple[int, ...]:
+  """The kernel's shape as the tuned table writes it: a symbolic size (a cache length) as -1."""
+  return tuple(s if isinstance(s, int) else -1 for s in k.full_shape)
+
 def cpu_optimizations(k):
-  """The kernel with our opts applied, or None when they are not ours to choose or do not apply."""
-  if k.ren.target.device != "CPU" or (opts := _opts(k)) is None: return None
+  """The kernel with our opts applied (the tuned ones for its kind and shape where they apply, else the rule's default),
+  or None when they are not ours to choose or do not apply."""
+  if k.ren.target.device != "CPU" or (claimed := rule(k)) is None: return None
+  kind, opts = claimed
+  tuned = TUNED.get((kind, shape_key(k)))
+  return (tuned is not None and applied(k, tuned)) or applied(k, opts)
+
+def applied(k, opts):
+  """A copy of the kernel with `opts` applied, or None when one of them does not apply (KernelOptError)."""
   ok = k.copy()
   try:
     for opt in opts: ok.apply_opt(opt)
@@ -98,23 +121,43 @@ def cpu_optimizations(k):
   return ok
 
 def hand_coded_optimizations(k):
-  return cpu_optimizations(k) or _hand_coded(k)
+  """tinygrad's heuristic, with our choice for the CPU kernels that are ours to choose."""
+  return cpu_optimizations(k) or _theirs(k)
 
-def install():
-  """Route tinygrad's heuristic through ours, in this process and in the compile workers it starts (idempotent)."""
+def missing(owner, *names: str) -> list[str]:
+  """The names of `names` that `owner` (a tinygrad module or class) lacks, as '<owner>.<name>'."""
+  return [f"{owner.__name__}.{name}" for name in names if not hasattr(owner, name)]
+
+def lacking() -> list[str]:
+  """What this module rebinds or reads of tinygrad's internals that this tinygrad does not have."""
+  return missing(heuristic, "hand_coded_optimizations") + missing(realize, "get_worker_pool") + missing(search, "get_worker_pool") + \
+         missing(worker, "_init_worker", "_WorkerContext", "worker_pool", "terminate_worker_pool") + \
+         missing(Scheduler, "full_shape", "axis_types", "copy", "apply_opt")
+
+def install(tuned: dict | None = None):
+  """Route tinygrad's heuristic through ours, in this process and in the compile workers it starts (idempotent), with
+  `tuned` (tune.py's load(): (kind, shape) -> opts) in place of the defaults, none by default; or, where tinygrad lacks
+  any of it, leave tinygrad's own (one warning)."""
+  if gone := lacking():
+    fall_back("choosing the CPU's kernels", ", ".join(gone))
+    return
+  TUNED.clear()
+  TUNED.update(tuned or {})
   heuristic.hand_coded_optimizations = hand_coded_optimizations  # looked up at each use
   realize.get_worker_pool = search.get_worker_pool = get_worker_pool
 
-def _init_worker():
+def _init_worker(tuned: dict):
   worker._init_worker()
+  TUNED.update(tuned)
   heuristic.hand_coded_optimizations = hand_coded_optimizations
 
 def get_worker_pool():
   """tinygrad's compile pool (engine/worker.py's get_worker_pool), its workers started with our heuristic."""
   if multiprocessing.current_process().daemon or PARALLEL == 0: return None
-  if worker.worker_pool is not None and not getattr(worker.worker_pool, "tg_llama", False): worker.terminate_worker_pool()
+  # tinygrad's own pool, or ours started with another table
+  if worker.worker_pool is not None and getattr(worker.worker_pool, "tg_llama", None) != TUNED: worker.terminate_worker_pool()
   if worker.worker_pool is None:
-    worker.worker_pool = pool = worker._WorkerContext().Pool(PARALLEL.value, _init_worker, (), getenv("BEAM_MAX_TASKS_PER_CHILD", 16))
-    pool.tg_llama = True
+    worker.worker_pool = pool = worker._WorkerContext().Pool(PARALLEL.value, _init_worker, (dict(TUNED),), getenv("BEAM_MAX_TASKS_PER_CHILD", 16))
+    pool.tg_llama = dict(TUNED)
     atexit.register(pool.close)
   return worker.worker_pool

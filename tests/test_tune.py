@@ -1,0 +1,198 @@
+"""The CPU's kernel choices searched on this machine (tg_llama/cpu/tune.py, `tg-llama tune`):
+- a tune of a tiny model finds kernels of several kinds, times their candidates and writes this machine's table;
+- a fresh process that loads the model uses the table's choices (forced here to ones that are not the defaults, so that
+  they show) and gives transformers' greedy tokens: the results are unchanged;
+- a table for another CPU, thread count or tinygrad is ignored; a malformed or hostile file is ignored with one warning;
+- a tuned choice that no longer applies to its kernel gives way to the default; the captured graphs' key follows the
+  choices in use.
+
+The tune and the model run in subprocesses (`python tests/test_tune.py tune|use ...`) with TG_LLAMA_CACHE in a tmp
+folder: which choices tinygrad's heuristic makes is per process. The tune is cut to a kernel of each kind, two
+candidates each and one round of timing, to stay fast."""
+from __future__ import annotations
+import json, os, pathlib, subprocess, sys, warnings
+import numpy as np
+import pytest
+from tinygrad import Tensor
+from tinygrad.codegen.opt import Opt, OptOps
+from tg_llama.cpu import opts, tune
+
+HERE = pathlib.Path(__file__).resolve()
+REPO = HERE.parent.parent
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> dict:
+  from tiny_models import PROMPT, hf_model, reference_greedy, write_hf
+  model, prompt = hf_model("gqa_rope_llama3", seed=1), (PROMPT * 4)[:40]  # over 32 tokens: a prefill chunk, not rows of decode steps
+  return {"path": str(write_hf(model, tmp_path_factory.mktemp("tiny") / "hf")), "prompt": prompt, "tokens": reference_greedy(model, prompt, 8)}
+
+def run(mode: str, cache: pathlib.Path, *args: str) -> dict:
+  env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), str(HERE.parent)]), "DEV": "CPU", "TG_LLAMA_CACHE": str(cache), "PARALLEL": "0"}
+  proc = subprocess.run([sys.executable, str(HERE), mode, *args], env=env, capture_output=True, text=True, timeout=600)
+  assert proc.returncode == 0, f"{mode} failed (rc {proc.returncode}):\n{proc.stderr[-3000:]}"
+  return {**json.loads(proc.stdout.strip().splitlines()[-1]), "stderr": proc.stderr}
+
+@pytest.fixture(scope="module")
+def tuned(tiny, tmp_path_factory) -> dict:
+  """`tg-llama tune` on the tiny model in a cache of its own; its output, and the table it wrote."""
+  out = run("tune", cache := tmp_path_factory.mktemp("cache"), tiny["path"])
+  return {**out, "cache": cache, "tables": tune.parse((cache / "cpu" / "tuned.json").read_bytes())}
+
+# ---- the tune and its use ----
+
+def test_the_tune_finds_kernels_of_several_kinds_and_writes_this_machines_table(tuned):
+  [table] = tuned["tables"]
+  assert table.machine == tune.machine() and len(tuned["kinds"]) >= 3 and [e.kind for e in table.entries] == tuned["kinds"]
+  assert all(e.default_ms > 0 and e.chosen_ms > 0 for e in table.entries), table.entries
+  assert all(0 <= i < n for i, n in tuned["chose"])  # the timed choice among n candidates (the table holds the forced one)
+  changed = [e for e, (_, n) in zip(table.entries, tuned["chose"]) if n > 1]
+  assert len(changed) >= 2 and all(e.opts is not None and e.opts != e.default for e in changed)
+  assert f"tuning kernel 1/{len(table.entries)} (" in tuned["stderr"] and tuned["summary"].startswith("kernel ")
+  assert tune.describe(tuned["cache"] / "cpu") == f"tuned for {table.machine['cpu']} on {table.date}, {len(changed)} of {len(table.entries)} kernels changed"
+  assert oct((tuned["cache"] / "cpu" / "tuned.json").stat().st_mode & 0o777) == "0o600"
+
+def test_tune_again_shows_the_table_without_force(tiny, tuned, monkeypatch, capsys):
+  from tg_llama import cli
+  monkeypatch.setenv("TG_LLAMA_CACHE", str(tuned["cache"]))
+  monkeypatch.setattr(tune, "tune", lambda *a, **k: pytest.fail("tuned again"))
+  assert cli.main(["tune", "--model", tiny["path"]]) == 0
+  out, err = capsys.readouterr()
+  assert out == tuned["summary"] and "`tg-llama tune --force` searches again" in err
+
+def test_a_fresh_process_uses_the_tuned_choices_and_gives_the_same_tokens(tiny, tuned):
+  out = run("use", tuned["cache"], tiny["path"], ",".join(map(str, tiny["prompt"])))
+  assert out["tokens"] == tiny["tokens"]  # transformers' own greedy tokens, the graphs captured and replayed
+  assert out["hits"] and all(out["hits"].values()), out["hits"]  # every kernel with a tuned choice got it
+  assert len({kind for kind, _ in map(tuple, out["hit_keys"])}) >= 2 and out["warnings"] == []
+  assert out["fingerprint"] != ""
+
+# ---- the table on disk ----
+
+def table(machine: dict, kernels: list | None = None) -> dict:
+  return {"machine": machine, "date": "2026-01-01", "model": "m", "kernels": [] if kernels is None else kernels}
+
+KERNEL = {"kind": "prefill matmul", "shape": [64, 192, 576], "default": [["THREAD", 1, 2], ["UPCAST", 1, 8], ["UPCAST", 0, 4], ["UNROLL", 0, 8]],
+          "opts": [["THREAD", 1, 2], ["UPCAST", 1, 16], ["UPCAST", 0, 4], ["UNROLL", 0, 4]], "default_ms": 1.0, "chosen_ms": 0.5}
+
+def write(folder: pathlib.Path, data) -> pathlib.Path:
+  folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+  path = folder / "tuned.json"
+  path.write_bytes(data if isinstance(data, bytes) else json.dumps(data).encode())
+  path.chmod(0o600)
+  return path
+
+def loaded(folder: pathlib.Path) -> tuple[dict, list[str]]:
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    choices = tune.load(folder)
+    tune.load(folder)  # twice: still one warning
+  return choices, [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]
+
+def test_this_machines_table_is_used_and_another_machines_ignored(tmp_path):
+  mine = tune.machine()
+  others = [{**mine, "cpu": "Another CPU"}, {**mine, "tinygrad": "0.0.1"}, {**mine, "threads": mine["threads"] + 1},
+            {**mine, "flags": [f for f in tune.FLAGS if f not in mine["flags"]][:1]}]
+  write(tmp_path, {"format": tune.FORMAT, "tables": [table(m, [KERNEL]) for m in others]})
+  assert loaded(tmp_path) == ({}, []) and tune.describe(tmp_path).startswith("defaults")
+  write(tmp_path, {"format": tune.FORMAT, "tables": [table(m, [KERNEL]) for m in [*others, mine]]})
+  assert loaded(tmp_path) == ({("prefill matmul", (64, 192, 576)): (Opt(OptOps.THREAD, 1, 2), Opt(OptOps.UPCAST, 1, 16),
+                                                                    Opt(OptOps.UPCAST, 0, 4), Opt(OptOps.UNROLL, 0, 4))}, [])
+  assert tune.describe(tmp_path).endswith("1 of 1 kernels changed")
+
+def test_writing_keeps_other_machines_tables(tmp_path):
+  other = tune.parse(json.dumps({"format": tune.FORMAT, "tables": [table({**tune.machine(), "cpu": "Another CPU"}, [KERNEL])]}).encode())[0]
+  tune.write(other, tmp_path)
+  mine = tune.Table(tune.machine(), "2026-01-02", "m", ())
+  tune.write(mine, tmp_path)
+  assert tune.parse((tmp_path / "tuned.json").read_bytes()) == [other, mine] and not list(tmp_path.glob(".tmp-*"))
+
+def hostile() -> dict:
+  ok = lambda **kernel: {"format": tune.FORMAT, "tables": [table(tune.machine(), [{**KERNEL, **kernel}])]}
+  return {
+    "not json": b"\x00\xffnot json", "truncated": json.dumps(ok())[:-5].encode(), "huge": b" " * (tune.MAX_BYTES + 1) + b"{}",
+    "deeply nested": b"[" * 100000 + b"]" * 100000, "a list": b"[]", "another format": {"format": 2, "tables": []},
+    "an extra key": {**ok(), "run": "os.system('x')"}, "unknown kind": ok(kind="exec"), "a shape of strings": ok(shape=["64", "192"]),
+    "a bool in a shape": ok(shape=[True, 2]), "a nested shape": ok(shape=[[64], 2]), "an unknown op": ok(opts=[["os.system", 0, 0]]),
+    "a tensor core opt": ok(opts=[["TC", 0, 0]]), "a float arg": ok(opts=[["UPCAST", 0, 4.0]]), "an arg of 1": ok(opts=[["UNROLL", 0, 1]]),
+    "a huge arg": ok(opts=[["UPCAST", 0, 1 << 40]]), "an object opt": ok(opts=[{"op": "UPCAST"}]),
+    "nan time": json.dumps(ok()).encode().replace(b'"default_ms": 1.0', b'"default_ms": NaN'),
+    "too many tables": {"format": tune.FORMAT, "tables": [table(tune.machine())] * (tune.MAX_TABLES + 1)},
+  }
+
+@pytest.mark.parametrize("name", list(hostile()))
+def test_a_malformed_or_hostile_table_is_ignored_with_one_warning(tmp_path, name):
+  write(tmp_path, hostile()[name])
+  choices, caught = loaded(tmp_path)
+  assert choices == {} and len(caught) == 1 and caught[0].startswith(f"ignoring the tuned kernel choices in {tmp_path / 'tuned.json'} ("), caught
+
+def test_a_table_others_may_write_is_ignored_with_one_warning(tmp_path):
+  write(tmp_path, {"format": tune.FORMAT, "tables": [table(tune.machine(), [KERNEL])]}).chmod(0o666)
+  choices, caught = loaded(tmp_path)
+  assert choices == {} and len(caught) == 1 and "writable by group and others" in caught[0]
+
+# ---- the hook ----
+
+def test_a_tuned_choice_that_no_longer_applies_falls_back_to_the_default(monkeypatch):
+  from tg_llama.linear import lanes_matvec
+  rng = np.random.default_rng(0)
+  x, w = Tensor(rng.standard_normal((1, 1, 128)).astype(np.float32)).realize(), Tensor(rng.standard_normal((96, 128)).astype(np.float32)).realize()
+  [kernel] = tune.record(lambda: lanes_matvec(x, w, 16).realize())  # rows x (K/A) x A: scheduled and lowered to the heuristic, not run
+  assert (kernel.kind, kernel.shape) == ("matvec", (96, 8, 16))
+  default, other = tune.candidates(kernel)[:2]
+  monkeypatch.setattr(opts, "TUNED", {})
+  assert opts.cpu_optimizations(kernel.k).applied_opts == list(default)
+  opts.TUNED[("matvec", (96, 8, 16))] = other
+  assert opts.cpu_optimizations(kernel.k).applied_opts == list(other) != list(default)
+  opts.TUNED[("matvec", (96, 8, 16))] = (Opt(OptOps.UPCAST, 5, 4),)  # no such axis: tinygrad refuses it
+  assert opts.cpu_optimizations(kernel.k).applied_opts == list(default)
+
+def test_the_graph_key_follows_the_choices_in_use(monkeypatch):
+  monkeypatch.setattr(opts, "TUNED", {})
+  assert tune.fingerprint() == ""
+  opts.TUNED[("matvec", (96, 8, 16))] = (Opt(OptOps.UPCAST, 0, 2),)
+  first = tune.fingerprint()
+  opts.TUNED[("matvec", (96, 8, 16))] = (Opt(OptOps.UPCAST, 0, 4),)
+  assert "" != first != tune.fingerprint() != ""
+
+# ---- the subprocesses ----
+
+def mode_tune(path: str) -> dict:
+  """`tg-llama tune` on the model, cut short: a kernel of each kind, two candidates, one round of timing. Each timed choice
+  is recorded, and the second candidate forced instead (so that a process using the table shows it)."""
+  import contextlib, io
+  from tg_llama import cli
+  record, choose, chose, kinds = tune.record, tune.choose, [], []
+  def one_of_each_kind(run):
+    kernels = record(run)
+    kinds.extend(dict.fromkeys(k.kind for k in kernels))
+    return [next(k for k in kernels if k.kind == kind) for kind in kinds]
+  def forced(kernel, choices):
+    i, default, best = choose(kernel, choices)
+    chose.append((i, len(choices)))
+    return min(1, len(choices) - 1), default, best
+  tune.record, tune.choose, tune.MAX_CANDIDATES, tune.ROUNDS = one_of_each_kind, forced, 2, 1
+  with contextlib.redirect_stdout(out := io.StringIO()): assert cli.main(["tune", "--model", path]) == 0
+  return {"summary": out.getvalue(), "chose": chose, "kinds": kinds}
+
+def mode_use(path: str, prompt: str) -> dict:
+  """The model loaded on the CPU with the cache's table; 8 greedy tokens (twice: the second replays the graphs), whether
+  each kernel with a tuned choice got it (compiled in this process: PARALLEL=0), the RuntimeWarnings."""
+  import tg_llama
+  hits: dict[str, bool] = {}
+  ours = opts.cpu_optimizations
+  def counting(k):
+    out = ours(k)
+    if (rule := opts.rule(k)) is not None and (choice := opts.TUNED.get(key := (rule[0], opts.shape_key(k)))) is not None:
+      hits[json.dumps(key)] = out is not None and out.applied_opts == list(choice)
+    return out
+  opts.cpu_optimizations = counting  # hand_coded_optimizations looks it up at each call
+  ids = [int(t) for t in prompt.split(",")]
+  with warnings.catch_warnings(record=True) as caught:
+    warnings.simplefilter("always")
+    model = tg_llama.load(path, backend="cpu", max_context=64, graph_cache=False)
+    tokens, again = list(model.generate(ids, 8)), list(model.generate(ids, 8))
+  return {"tokens": tokens if tokens == again else [tokens, again], "hits": hits, "hit_keys": [json.loads(k) for k in hits],
+          "warnings": [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)], "fingerprint": tune.fingerprint()}
+
+if __name__ == "__main__":
+  print(json.dumps({"tune": mode_tune, "use": mode_use}[sys.argv[1]](*sys.argv[2:])))
