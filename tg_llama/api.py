@@ -214,7 +214,8 @@ def _weight_bytes(ckpt: Checkpoint, dtype: DType, quantize: str | None) -> int:
   for name, shape in ckpt.shapes.items():
     if name == "lm_head.weight" and ckpt.config.tie_embeddings: continue
     n, is_linear = math.prod(shape), len(shape) >= 2 and not name.endswith(("moe.gate.weight", "embed_tokens.weight"))
-    kind = ckpt.raw_dtypes.get(name) if keep and ckpt.raw_dtypes.get(name) in GGUF_BLOCKS else quantize if quantize in ("int8", "int4") and is_linear else None
+    kind = ckpt.raw_dtypes.get(name) if keep and ckpt.raw_dtypes.get(name) in GGUF_BLOCKS else None
+    if kind is None and quantize in ("int8", "int4") and is_linear: kind = quantize
     total += n * LOADED_BLOCK_BYTES[kind] / 32 if kind else n * dtype.itemsize
   return int(total)
 

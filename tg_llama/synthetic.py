@@ -5,10 +5,10 @@ A file holds every matrix in Q4_1 blocks (the type of the default model's linear
 uniform in 0..15, a scale per block around 0.0043 and a minimum of -7.5 scales, so each weight is uniform with a
 standard deviation of about 0.02 (HF's initializer range); the norms are ones; a preset with Llama 3.1's RoPE scaling
 gets llama.cpp's rope_freqs tensor. The vocabulary is the default model's (SmolLM2's byte-level BPE), cut to the
-preset's size or padded up to it with tokens no text is encoded to, so that the tokenizer, the JSON-schema decoding and llama.cpp
-all run on the file. Seeded by tensor name: the same bytes every time. It is written once, a block of rows at a time
-(never a whole tensor in memory), into the cache folder (private, as the kernel caches are), under a temporary name
-first, then moved into place.
+preset's size or padded up to it with tokens no text is encoded to, so that the tokenizer, the JSON-schema decoding
+and llama.cpp all run on the file. Seeded by tensor name: the same bytes every time. It is written once, 20 MB at a
+time (never a whole tensor in memory), into the cache folder (private, as the kernel caches are), under a temporary
+name first, then moved into place; delete the folder to write it again.
 
 Not here: meaningful text (the weights are noise), other block types, the presets' own vocabularies (Llama 3's
 128k-token tokenizer is not shipped with tg-llama: Llama 3.2 1B's vocabulary is SmolLM2's 49,152 tokens and 79,104
@@ -51,7 +51,8 @@ def cached_file(name: str, config: LlamaConfig | None = None, context: int = 0) 
                                f"cache do not fit in the {available / 1e9:.3g} GB of memory available here; choose a smaller preset")
   if path.is_file(): return path
   if (free := shutil.disk_usage(folder()).free) < size:
-    raise InvalidArgumentError(f"--synthetic {name}: its {size / 1e9:.3g} GB file does not fit in the {free / 1e9:.3g} GB free in {folder()}")
+    raise InvalidArgumentError(f"--synthetic {name}: its {size / 1e9:.3g} GB file does not fit in the {free / 1e9:.3g} GB "
+                               f"free in {folder()}")
   return write_gguf(config, path, name)
 
 def tensor_plan(config: LlamaConfig) -> list[tuple[str, tuple[int, ...], str]]:
@@ -64,7 +65,8 @@ def tensor_plan(config: LlamaConfig) -> list[tuple[str, tuple[int, ...], str]]:
     plan.append((gguf_name[name], shape, "F32" if len(shape) == 1 or gguf_name[name].endswith("ffn_gate_inp.weight") else "Q4_1"))
   return plan
 
-def nbytes(shape: tuple[int, ...], typ: str) -> int: return int(np.prod(shape)) * 4 if typ == "F32" else int(np.prod(shape)) // BLOCK * BLOCK_BYTES
+def nbytes(shape: tuple[int, ...], typ: str) -> int:
+  return int(np.prod(shape)) * 4 if typ == "F32" else int(np.prod(shape)) // BLOCK * BLOCK_BYTES
 
 def file_bytes(config: LlamaConfig) -> int:
   """The tensor data's size (the header, with the vocabulary, adds a few MB)."""
@@ -84,7 +86,8 @@ def write_gguf(config: LlamaConfig, path: pathlib.Path, name: str = "synthetic",
     _metadata(w, config, name)
     for tname, shape, typ in plan:
       if typ == "F32": w.add_tensor_info(tname, shape, np.dtype(np.float32), nbytes(shape, typ))
-      else: w.add_tensor_info(tname, (*shape[:-1], shape[-1] // BLOCK * BLOCK_BYTES), np.dtype(np.uint8), nbytes(shape, typ), gguf.GGMLQuantizationType.Q4_1)
+      else:  # as bytes (..., blocks per row x 20)
+        w.add_tensor_info(tname, (*shape[:-1], shape[-1] // BLOCK * BLOCK_BYTES), np.dtype(np.uint8), nbytes(shape, typ), gguf.GGMLQuantizationType.Q4_1)
     w.write_header_to_file(); w.write_kv_data_to_file(); w.write_ti_data_to_file()
     out = w.fout[0]
     for tname, shape, typ in plan:

@@ -5,7 +5,8 @@ shell (llama.Llama: embedding, blocks, norm, head, layer shards) builds the bloc
 (LlamaConfig.arch).
 
 The tables below map the name a checkpoint gives its architecture to that module. Adding a family member: a new module
-with those four names (and HF_CLASS, what a converted config.json calls it), and a line in each table it is read from."""
+with those four names, GLOBAL_NAMES (the embedding, norm and head) and HF_CLASS (what a converted config.json calls it),
+its Block with linears() (the layers quantize.py swaps), and a line in each table it is read from."""
 from __future__ import annotations
 import importlib
 from types import ModuleType
