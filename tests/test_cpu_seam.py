@@ -59,7 +59,7 @@ def test_the_layout_is_the_backends():
   from tg_llama.backend import KernelLayout, kernel_layout
   assert kernel_layout("CPU") == kernel_layout(("CPU:0", "CPU:1")) == cpu.LAYOUT != KernelLayout()
   assert kernel_layout("CL") == kernel_layout("CUDA:1") == KernelLayout()
-  assert (KernelLayout().dot_lanes, KernelLayout().matvec_lanes, KernelLayout().even_groups) == (1, 1, False)
+  assert (KernelLayout().dot_lanes, KernelLayout().matvec_lanes, KernelLayout().even_groups, KernelLayout().panel) == (1, 1, False, 0)
 
 # ---- a tinygrad without an internal we rely on ----
 

@@ -95,8 +95,9 @@ def test_this_machines_table_is_used_and_another_machines_ignored(tmp_path):
   write(tmp_path, {"format": tune.FORMAT, "tables": [table(m, [KERNEL]) for m in others]})
   assert loaded(tmp_path) == ({}, []) and tune.describe(tmp_path).startswith("defaults")
   write(tmp_path, {"format": tune.FORMAT, "tables": [table(m, [KERNEL]) for m in [*others, mine]]})
-  assert loaded(tmp_path) == ({("prefill matmul", (64, 192, 576)): (Opt(OptOps.THREAD, 1, 2), Opt(OptOps.UPCAST, 1, 16),
-                                                                    Opt(OptOps.UPCAST, 0, 4), Opt(OptOps.UNROLL, 0, 4))}, [])
+  default = (Opt(OptOps.THREAD, 1, 2), Opt(OptOps.UPCAST, 1, 8), Opt(OptOps.UPCAST, 0, 4), Opt(OptOps.UNROLL, 0, 8))
+  assert loaded(tmp_path) == ({("prefill matmul", (64, 192, 576), default): (Opt(OptOps.THREAD, 1, 2), Opt(OptOps.UPCAST, 1, 16),
+                                                                             Opt(OptOps.UPCAST, 0, 4), Opt(OptOps.UNROLL, 0, 4))}, [])
   assert tune.describe(tmp_path).endswith("1 of 1 kernels changed")
 
 def test_writing_keeps_other_machines_tables(tmp_path):
@@ -141,17 +142,38 @@ def test_a_tuned_choice_that_no_longer_applies_falls_back_to_the_default(monkeyp
   default, other = tune.candidates(kernel)[:2]
   monkeypatch.setattr(opts, "TUNED", {})
   assert opts.cpu_optimizations(kernel.k).applied_opts == list(default)
-  opts.TUNED[("matvec", (96, 8, 16))] = other
+  opts.TUNED[("matvec", (96, 8, 16), default)] = other
   assert opts.cpu_optimizations(kernel.k).applied_opts == list(other) != list(default)
-  opts.TUNED[("matvec", (96, 8, 16))] = (Opt(OptOps.UPCAST, 5, 4),)  # no such axis: tinygrad refuses it
+  opts.TUNED[("matvec", (96, 8, 16), default)] = (Opt(OptOps.UPCAST, 5, 4),)  # no such axis: tinygrad refuses it
+  assert opts.cpu_optimizations(kernel.k).applied_opts == list(default)
+
+def test_a_prefill_chunks_product_reads_its_weight_in_panels_under_the_prefill_tile():
+  # linear.matmul in the CPU's layout writes the weight out in panels of 16 rows first: its product is the kernel the
+  # "prefill matmul" rule claims, and it computes numpy's x @ w.T
+  from tg_llama.linear import matmul
+  rng = np.random.default_rng(0)
+  xs, ws = rng.standard_normal((64, 128)).astype(np.float32), rng.standard_normal((96, 128)).astype(np.float32)
+  x, w = Tensor(xs).realize(), Tensor(ws).realize()
+  [kernel] = tune.record(lambda: matmul(x, w).realize())
+  assert (kernel.kind, kernel.shape) == ("prefill matmul", (6, 64, 16, 128))
+  np.testing.assert_allclose(matmul(x, w).numpy(), xs @ ws.T, atol=1e-4, rtol=1e-5)
+
+def test_a_tuned_choice_against_another_default_is_not_used(monkeypatch):
+  # the rule's default changed since the table was made (a new tg-llama): its choice was measured against something else
+  from tg_llama.linear import lanes_matvec
+  rng = np.random.default_rng(0)
+  x, w = Tensor(rng.standard_normal((1, 1, 128)).astype(np.float32)).realize(), Tensor(rng.standard_normal((96, 128)).astype(np.float32)).realize()
+  [kernel] = tune.record(lambda: lanes_matvec(x, w, 16).realize())
+  default, other = tune.candidates(kernel)[:2]
+  monkeypatch.setattr(opts, "TUNED", {("matvec", (96, 8, 16), other): other})
   assert opts.cpu_optimizations(kernel.k).applied_opts == list(default)
 
 def test_the_graph_key_follows_the_choices_in_use(monkeypatch):
   monkeypatch.setattr(opts, "TUNED", {})
   assert tune.fingerprint() == ""
-  opts.TUNED[("matvec", (96, 8, 16))] = (Opt(OptOps.UPCAST, 0, 2),)
+  opts.TUNED[("matvec", (96, 8, 16), ())] = (Opt(OptOps.UPCAST, 0, 2),)
   first = tune.fingerprint()
-  opts.TUNED[("matvec", (96, 8, 16))] = (Opt(OptOps.UPCAST, 0, 4),)
+  opts.TUNED[("matvec", (96, 8, 16), ())] = (Opt(OptOps.UPCAST, 0, 4),)
   assert "" != first != tune.fingerprint() != ""
 
 # ---- the subprocesses ----
@@ -182,8 +204,8 @@ def mode_use(path: str, prompt: str) -> dict:
   ours = opts.cpu_optimizations
   def counting(k):
     out = ours(k)
-    if (rule := opts.rule(k)) is not None and (choice := opts.TUNED.get(key := (rule[0], opts.shape_key(k)))) is not None:
-      hits[json.dumps(key)] = out is not None and out.applied_opts == list(choice)
+    if (rule := opts.rule(k)) is not None and (choice := opts.TUNED.get((rule[0], key := opts.shape_key(k), tuple(rule[1])))) is not None:
+      hits[json.dumps((rule[0], key))] = out is not None and out.applied_opts == list(choice)
     return out
   opts.cpu_optimizations = counting  # hand_coded_optimizations looks it up at each call
   ids = [int(t) for t in prompt.split(",")]

@@ -8,7 +8,7 @@ from typing import Callable, Iterator
 import numpy as np
 from tinygrad import Device, Tensor, dtypes
 from tinygrad.dtype import DType
-from tg_llama.backend import Backend, resolve_backend
+from tg_llama.backend import Backend, free_buffer_cache, resolve_backend
 from tg_llama.config import LlamaConfig
 from tg_llama.convert import Checkpoint, check_weights, open_checkpoint, release_file_pages
 from tg_llama import constraint
@@ -258,9 +258,3 @@ def build(ckpt: Checkpoint, device: str, dtype: DType, start_layer: int = 0, end
   if mode != "none" and devices: raise UnsupportedModelError(f"quantize={mode!r}: quantized layers run on one device; load without devices")
   quantization = load_weights(llama, ckpt, device, dtype, progress, devices, quantize=mode)
   return llama, quantization
-
-def free_buffer_cache(devices: tuple[str, ...]):
-  """Free the buffers tinygrad keeps for reuse (its LRUAllocator, by exact size): those loading leaves (each tensor's raw
-  bytes, the pieces split from them) fit nothing that runs later; for Llama 3.2 1B's Q4_1 blocks, 200 MB."""
-  for name in devices:
-    if (free := getattr(Device[name].allocator, "free_cache", None)) is not None: free()

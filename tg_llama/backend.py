@@ -51,6 +51,7 @@ class KernelLayout:
   dot_lanes: int = 1        # a dot product over a head (decode attention's scores) as this many independent partial sums
   matvec_lanes: int = 1     # the most lanes of a one-token matrix-vector product (tg_llama/linear.py's lanes_matvec)
   even_groups: bool = False # an odd group of query heads per KV head padded to an even count (decode attention)
+  panel: int = 0            # a prefill chunk's weight written out as panels of this many output rows, each (in, rows)
 
 def kernel_layout(device: str | tuple[str, ...]) -> KernelLayout:
   """The layout for tensors on `device` (or on devices of one backend): the plain one, but on the CPU its own."""
@@ -61,6 +62,13 @@ def kernel_layout(device: str | tuple[str, ...]) -> KernelLayout:
 def on_cpu(device: str | tuple[str, ...]) -> bool:
   """Whether `device` (tinygrad's name, or a tuple of them for a tensor split over devices) is the CPU backend's."""
   return (device[0] if isinstance(device, tuple) else device).split(":")[0] == "CPU"
+
+def free_buffer_cache(devices: tuple[str, ...]):
+  """Free the buffers tinygrad keeps for reuse (its LRUAllocator, by exact size) on these devices: those loading leaves (each
+  tensor's raw bytes, the pieces split from them; for Llama 3.2 1B's Q4_1 blocks, 200 MB) and those of a graph's runs
+  before its capture fit nothing that runs later."""
+  for name in devices:
+    if (free := getattr(Device[name].allocator, "free_cache", None)) is not None: free()
 
 def cache_root() -> pathlib.Path:
   if root := os.environ.get("TG_LLAMA_CACHE"): return pathlib.Path(root).expanduser().absolute()

@@ -6,7 +6,7 @@ ImmutableSandboxedEnvironment with trim_blocks, lstrip_blocks and loopcontrols, 
 Llama 2 ([INST]) and ChatML templates stand in for a model that ships none.
 
 A template comes with the checkpoint, so it is untrusted code: one render is bounded (`_Budget`). It may run for
-TIME_LIMIT seconds, checked at every loop iteration, call, filter, operator, attribute and item lookup; no string or
+TIME_LIMIT seconds of its thread's CPU time, checked at every loop iteration, call, filter, operator, attribute and item lookup; no string or
 list it builds may hold more than MAX_VALUE items and all of them together no more than MAX_TOTAL; no integer may
 grow past MAX_INT_BITS; the prompt it writes may not pass MAX_OUTPUT characters. Sizes are checked before the
 operations that multiply them (`*`, `**`, `+`, `%` and str.format widths, center/ljust/zfill/expandtabs, replace,
@@ -92,7 +92,7 @@ def _tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False
 
 # *** the limits of one render ***
 
-TIME_LIMIT = 2.0           # seconds
+TIME_LIMIT = 2.0           # seconds of the rendering thread's own CPU time: waiting for the GIL or a busy machine is not the template's
 MAX_OUTPUT = 8 * 2**20     # characters of the rendered prompt
 MAX_VALUE = 8 * 2**20      # items (characters, elements) of any one string or list the template builds
 MAX_TOTAL = 64 * 2**20     # items of all the strings and lists it builds, together
@@ -101,9 +101,9 @@ MAX_REGEX_INPUT = 100_000  # striptags and urlize backtrack (quadratic) on hosti
 MAX_JSON_INDENT = 64
 
 class _Budget:
-  def __init__(self): self.deadline, self.left = time.monotonic() + TIME_LIMIT, MAX_TOTAL
+  def __init__(self): self.deadline, self.left = time.thread_time() + TIME_LIMIT, MAX_TOTAL
   def tick(self):
-    if time.monotonic() > self.deadline: raise TgLlamaError(f"chat template took longer than {TIME_LIMIT:g} s")
+    if time.thread_time() > self.deadline: raise TgLlamaError(f"chat template took longer than {TIME_LIMIT:g} s of CPU")
   def size(self, n: int, what: str):
     if n > MAX_VALUE: raise TgLlamaError(f"chat template: {what} would hold {n} items, over the limit of {MAX_VALUE}")
   def charge(self, value):

@@ -8,7 +8,13 @@ sums last gives A independent accumulators that it does vectorize: measured on D
 memory-bound either way). So the CPU's layout (tg_llama/backend.py's KernelLayout, the CPU's in tg_llama/cpu/) splits
 one token's products into up to 64 lanes; other backends' take the plain product, which their own heuristics tune.
 Several tokens (a decode batch, a prefill chunk) take the plain matmul, which tg_llama/cpu/opts.py tiles by their count
-on the CPU."""
+on the CPU. A prefill chunk's weight is first written out in panels where the layout says so (the CPU's: 16 output rows
+a panel, each panel (in, 16) contiguous): the product then runs one panel at a time over every token of the chunk, its
+inner loop a vector multiply-add of a contiguous panel row by one input value, which clang vectorizes, while the
+panel stays in cache; an (out, in) weight gives a dot product per output (one scalar chain each), and a whole (in, out)
+transpose streams the weight from memory once per 4 tokens when it outgrows the cache. Measured on DEV=CPU, 2 cores,
+64 tokens, Q4_1 blocks decoded and multiplied: 8192x2048 (Llama 3.2 1B's MLP) 204 ms transposed -> 36 ms in panels,
+576x576 4.5 (out, in) -> 1.3 ms (a float weight pays one copy of itself per chunk)."""
 from __future__ import annotations
 from tinygrad import Tensor
 from tinygrad.helpers import prod
@@ -30,6 +36,17 @@ def dot(a: Tensor, b: Tensor, n_lanes: int = 1) -> Tensor:
 def matvec_rows(x: Tensor) -> bool:
   """Whether x (..., K) is a decode step's few rows, for a matrix-vector product, not a prefill chunk's matmul."""
   return all(isinstance(s, int) for s in x.shape[:-1]) and prod(x.shape[:-1]) <= MAX_MATVEC_ROWS
+
+def matmul(x: Tensor, w: Tensor) -> Tensor:
+  """x (..., K) of several rows @ w.T, w (N, K) a weight or a dequantizing expression, decoded once for all the rows (not
+  once per row inside the product): a decode batch reads it as it is, a prefill chunk (more than MAX_MATVEC_ROWS rows)
+  in panels where the backend's layout has them (and the weight is on one device)."""
+  (N, K), P = w.shape, kernel_layout(x.device).panel
+  if matvec_rows(x) or not P or N % P or isinstance(w.device, tuple): return (x.contiguous() @ w.contiguous().T).contiguous()
+  panels = w.reshape(N // P, 1, P, K).permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)  # stored (N/P, 1, K, P)
+  rows = x.contiguous().reshape(1, -1, 1, K)
+  out = (rows * panels).sum(-1).contiguous()  # (N/P, rows, P): a panel's outputs for every row, then the next panel's
+  return out.permute(1, 0, 2).reshape(*x.shape[:-1], N).contiguous()
 
 def one_row(x: Tensor) -> bool: return all(isinstance(s, int) and s == 1 for s in x.shape[:-1])
 
@@ -54,7 +71,7 @@ class Linear:
 
   def __call__(self, x: Tensor) -> Tensor:
     # several tokens: a product kernel of its own, its input computed once, not per output row
-    return lanes_matvec(x, self.weight) if one_row(x) else x.contiguous().linear(self.weight.transpose()).contiguous()
+    return lanes_matvec(x, self.weight) if one_row(x) else matmul(x, self.weight)
 
 class Experts:
   """n_experts linears stacked: weight (experts, out, in). `layer(x, sel)`: x (..., k or 1, in) through the experts

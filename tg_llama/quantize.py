@@ -12,10 +12,11 @@ mode "gguf" keeps a GGUF file's weights as stored: bit for bit the same values, 
 Scales are kept in float32 (GGUF stores float16): tinygrad's CPU kernels convert half per element, which
 made the int4 matvec twice as slow.
 
-Every layer dequantizes inside its matmul; the float weight is never materialized. One token (decode) uses
+Every layer dequantizes for its product; the float model is never held. One token (decode) dequantizes inside
 tg_llama/linear.py's "lanes" matrix-vector product, whose A independent accumulators clang vectorizes
 (DEV=CPU, 49152x576, int8: 2.2 ms vs 9 ms as `(x @ w.T) * scale`, whose int8 -> float conversion runs in one
-serial chain); several tokens (prefill) use a plain matmul on the dequantized expression, which tinygrad fuses.
+serial chain); several tokens (prefill) decode the layer's weight once into a float matrix for the chunk
+(linear.matmul), a buffer of one layer's size while that product runs.
 Measured on SmolLM2-135M decode, DEV=CPU: float 11-19, int8/int4/gguf 29-35 tokens/s; with BEAM=2 on the
 decode kernels 19 vs 49 tokens/s. Only the CPU has been measured.
 
@@ -27,7 +28,7 @@ from __future__ import annotations
 from typing import Callable
 from tinygrad import Tensor, dtypes, nn
 from tg_llama.errors import UnsupportedModelError
-from tg_llama.linear import Experts, Linear, experts_matmul, lanes_matvec, matvec_rows
+from tg_llama.linear import Experts, Linear, experts_matmul, lanes_matvec, matmul, matvec_rows
 
 MODES = ("none", "int8", "int4", "gguf")
 
@@ -47,8 +48,7 @@ class Int8Linear:
       return lanes_matvec(x, self.weight, scale=self.scale[:, 0].cast(x.dtype))
     w = (self.weight.cast(x.dtype).reshape(N, K // G, G) * self.scale.cast(x.dtype).unsqueeze(-1)).reshape(N, K)
     # a block per lane step (one scale per step): measured 4.8 ms vs 7-8 ms with 64 lanes at 49152x576
-    if matvec_rows(x): return lanes_matvec(x, w, n_lanes=G)
-    return (x.contiguous() @ w.contiguous().T).contiguous()  # several tokens: decoded once into a float matrix (see Int4Linear)
+    return lanes_matvec(x, w, n_lanes=G) if matvec_rows(x) else matmul(x, w)
 
   @staticmethod
   def quantize(w: Tensor, group_size: int | None = None) -> dict[str, Tensor]:
@@ -78,7 +78,7 @@ class Int4Linear:
     lo, hi = self.weight.bitwise_and(0xF).cast(x.dtype), self.weight.rshift(4).cast(x.dtype)
     scale, mn = self.scale.cast(x.dtype).unsqueeze(-1), self.min.cast(x.dtype).unsqueeze(-1)
     # several tokens: decoded once into a float matrix, not once per token inside the product (measured 5x slower)
-    if not matvec_rows(x): return (x.contiguous() @ (lo.cat(hi, dim=-1) * scale + mn).reshape(N, B * 2 * H).contiguous().T).contiguous()
+    if not matvec_rows(x): return matmul(x, (lo.cat(hi, dim=-1) * scale + mn).reshape(N, B * 2 * H))
     # one token: the H bytes of a block are the lanes, each byte read once for its two weights (see linear.lanes_matvec)
     xs = x.contiguous().reshape(*x.shape[:-1], 1, B, 2 * H)
     return (xs[..., :H] * (lo * scale + mn) + xs[..., H:] * (hi * scale + mn)).sum(-2).sum(-1).contiguous()

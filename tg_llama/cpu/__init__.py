@@ -16,8 +16,10 @@ from tg_llama.backend import KernelLayout
 
 # lanes of 4 in decode attention's scores and up to 64 in a one-token product: the CPU's compiler vectorizes independent partial
 # sums, where a dot product written as one sum is one serial chain (opts.py chooses their kernels); an odd group of query heads
-# (SmolLM2's 9 over 3) padded to an even one, so that the attention kernels split over two cores (the cache length is symbolic)
-LAYOUT = KernelLayout(dot_lanes=4, matvec_lanes=64, even_groups=True)
+# (SmolLM2's 9 over 3) padded to an even one, so that the attention kernels split over two cores (the cache length is symbolic);
+# a prefill chunk's weight written in panels of 16 output rows, each (in, 16), so that its product runs a panel at a time over
+# every token, in vector multiply-adds of a contiguous panel row by one input value (tg_llama/linear.py's matmul)
+LAYOUT = KernelLayout(dot_lanes=4, matvec_lanes=64, even_groups=True, panel=16)
 
 def install():
   """Set up this process for the CPU backend: tinygrad's heuristic and its compile workers use our kernel choices (those

@@ -83,10 +83,15 @@ def rule(k) -> tuple[str, list[Opt]] | None:
   # core 8.8 GFLOPS as a lanes reduction -> 30
   if len(shape) == 3 and reduce == [2] and all(known) and 2 <= shape[0] <= 8 and shape[1] % (4 * threads) == 0 and shape[2] % 4 == 0:
     return "batch matmul", ([Opt(OptOps.THREAD, 1, threads)] if threads > 1 else []) + [Opt(OptOps.UPCAST, 1, 4), Opt(OptOps.UPCAST, 0, shape[0]), Opt(OptOps.UNROLL, 0, 4)]
-  # a matrix product of a prefill chunk: tokens x rows x K, all known. Threads over the rows, a 4 tokens x 8 rows
-  # register tile, K unrolled by 8: measured 64x576 @ 576x1536 float32 9.5 -> 40.6 GFLOPS on 2 cores
-  if len(shape) == 3 and reduce == [2] and all(known) and shape[0] % 4 == 0 and shape[1] % (8 * threads) == 0 and shape[2] % 8 == 0:
-    return "prefill matmul", ([Opt(OptOps.THREAD, 1, threads)] if threads > 1 else []) + [Opt(OptOps.UPCAST, 1, 8), Opt(OptOps.UPCAST, 0, 4), Opt(OptOps.UNROLL, 0, 8)]
+  # a matrix product of a prefill chunk, its weight in panels (linear.matmul in the CPU's layout): panels x tokens x the
+  # panel's rows x K, all known. Threads over the panels, each panel's rows upcast whole (contiguous in the panel: vector
+  # multiply-adds of a panel row by one input value) times 4 tokens, K unrolled by 4: measured 64 tokens x (1536x576)
+  # Q4_1 decoded and multiplied on 2 cores 5.0 -> 2.8 ms against the best tile of an (out, in) weight, 8192x2048 204 ->
+  # 36 ms against a whole (in, out) transpose
+  if len(shape) == 4 and reduce == [3] and all(known) and shape[2] == LAYOUT.panel and shape[1] % 4 == 0 and shape[3] % 4 == 0:
+    axis = thread_axis([0])
+    return "prefill matmul", ([Opt(OptOps.THREAD, axis, threads)] if axis is not None else []) + \
+           [Opt(OptOps.UPCAST, 2, shape[2]), Opt(OptOps.UPCAST, 1, 4), Opt(OptOps.UNROLL, 0, 4)]
   # decode attention's weights x values, a reduction over the cache length: the head dimension (last output axis)
   # upcast whole, so that each position updates independent vector accumulators instead of one chain per output
   hd = shape[outs[-1]]
@@ -96,9 +101,10 @@ def rule(k) -> tuple[str, list[Opt]] | None:
            [Opt(OptOps.UPCAST, outs[-1], 16)] + ([Opt(OptOps.UPCAST, outs[-1], hd // 16)] if hd > 16 else [])
   return None
 
-# the choices of tg_llama/cpu/tune.py's table in use, by (kind, shape_key): they replace a rule's default where they apply.
+# the choices of tg_llama/cpu/tune.py's table in use, by (kind, shape_key, the default they beat): they replace a rule's
+# default where they apply.
 # One table per process, like the heuristic rebound below: install() sets it, and hands it to the compile workers
-TUNED: dict[tuple[str, tuple[int, ...]], tuple[Opt, ...]] = {}
+TUNED: dict[tuple[str, tuple[int, ...], tuple[Opt, ...]], tuple[Opt, ...]] = {}
 
 def shape_key(k) -> tuple[int, ...]:
   """The kernel's shape as the tuned table writes it: a symbolic size (a cache length) as -1."""
@@ -109,7 +115,7 @@ def cpu_optimizations(k):
   or None when they are not ours to choose or do not apply."""
   if k.ren.target.device != "CPU" or (claimed := rule(k)) is None: return None
   kind, opts = claimed
-  tuned = TUNED.get((kind, shape_key(k)))
+  tuned = TUNED.get((kind, shape_key(k), tuple(opts)))  # tuned against this default: a changed rule voids its entries
   return (tuned is not None and applied(k, tuned)) or applied(k, opts)
 
 def applied(k, opts):

@@ -82,9 +82,9 @@ class Table:
   model: str
   entries: tuple[Entry, ...]
 
-  def choices(self) -> dict[tuple[str, tuple[int, ...]], tuple[Opt, ...]]:
-    """What opts.install takes: the changed choices by (kind, shape)."""
-    return {(e.kind, e.shape): e.opts for e in self.entries if e.opts is not None}
+  def choices(self) -> dict[tuple[str, tuple[int, ...], tuple[Opt, ...]], tuple[Opt, ...]]:
+    """What opts.install takes: the changed choices by (kind, shape, the default they beat)."""
+    return {(e.kind, e.shape, e.default): e.opts for e in self.entries if e.opts is not None}
 
 def _opt_json(o: Opt) -> list: return [o.op.name, o.axis, o.arg]
 def _entry_json(e: Entry) -> dict:
@@ -160,7 +160,7 @@ def read_tables(folder: pathlib.Path | None = None) -> list[Table]:
 
 def this_machines(tables: list[Table]) -> Table | None: return next((t for t in tables if t.machine == machine()), None)
 
-def load(folder: pathlib.Path | None = None) -> dict[tuple[str, tuple[int, ...]], tuple[Opt, ...]]:
+def load(folder: pathlib.Path | None = None) -> dict[tuple[str, tuple[int, ...], tuple[Opt, ...]], tuple[Opt, ...]]:
   """This machine's tuned choices (for opts.install), or none: the defaults."""
   return t.choices() if (t := this_machines(read_tables(folder))) is not None else {}
 
@@ -221,8 +221,8 @@ def _batch_matvec(shape):  # batch x rows x (K/A) x A: the batch upcast whole, t
 def _batch_matmul(shape):  # batch x rows x K: the batch times 2-8 rows in registers, K unrolled by 4 or 8
   return [[U(1, r), U(0, shape[0]), R(0, k)] for r in (4, 2, 8) for k in (4, 8)]
 
-def _prefill_matmul(shape):  # tokens x rows x K: register tiles of tokens x rows, K unrolled by 4 or 8
-  return [[U(1, rows), U(0, tokens), R(0, k)] for tokens, rows in ((4, 8), (4, 16), (8, 8), (2, 16)) for k in (8, 4)]
+def _prefill_matmul(shape):  # panels x tokens x panel rows x K: the panel's rows whole times 2-8 tokens, K unrolled by 2-8
+  return [[U(2, shape[2]), U(1, tokens), R(0, k)] for tokens, k in ((4, 4), (8, 4), (2, 4), (4, 2), (4, 8), (8, 2), (2, 8))]
 
 def _decode_values(shape):  # ... x hd, reduced over the positions: the head dimension upcast in 1-4 pieces
   axis, hd = len(shape) - 2, shape[-2]

@@ -25,7 +25,7 @@ import numpy as np
 from tinygrad import Device, Tensor, UOp, dtypes
 from tinygrad.dtype import DType, _to_np_dtype
 from tinygrad.engine.jit import _TinyJit
-from tg_llama.backend import on_cpu
+from tg_llama.backend import free_buffer_cache, on_cpu
 from tg_llama.config import LlamaConfig
 from tg_llama.engine.kv_cache import KVCache
 from tg_llama.models.llama import Llama
@@ -52,6 +52,8 @@ class Jit(_TinyJit):
         from tg_llama.cpu import graph
         graph.install(self)
       self.offered = self.captured
+      # the buffers of the runs before the capture, kept by tinygrad for reuse, fit only those runs: the graph has its own
+      free_buffer_cache(tuple({d for t in (*args, *kwargs.values()) if isinstance(t, Tensor) for d in devices_of(t)}))
     return ret
 
 class ModelRunner:
@@ -162,6 +164,8 @@ class ModelRunner:
     if greedy_only: tok = self.greedy_jits[b](logits, allowed)
     else: tok = self.sample_jits[b](logits, allowed, *[v.bind(s) for v, s in zip(self.v_sample[b], rows)])
     return read(tok)[:len(slots), 0]
+
+def devices_of(t: Tensor) -> tuple[str, ...]: return t.device if isinstance(t.device, tuple) else (t.device,)
 
 def write(t: Tensor, a: np.ndarray) -> Tensor:
   """t (realized, on one device) with its contents replaced by `a`, in place: the backend's own copy into the buffer. A new
