@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from functools import cached_property
 from typing import Callable, Iterator
 import numpy as np
-from tinygrad import Device, Tensor, dtypes
+from tinygrad import Tensor, dtypes
 from tinygrad.dtype import DType
 from tg_llama.backend import Backend, free_buffer_cache, resolve_backend
 from tg_llama.config import LlamaConfig

@@ -28,7 +28,7 @@ Files of older code or settings stay until more than KEEP pile up; then the leas
 Not here: sharing graph files between machines (a key holds the checkpoint's local path and mtime; on the CPU, the
 CPU's features too, as its kernels are built for this CPU's instruction set)."""
 from __future__ import annotations
-import contextlib, dataclasses, functools, hashlib, importlib.metadata, os, pathlib, pickle, sys, tempfile, types, warnings
+import contextlib, dataclasses, functools, hashlib, importlib.metadata, os, pathlib, pickle, sys, types, warnings
 from typing import TYPE_CHECKING, Callable
 from tinygrad import Device, Tensor
 from tinygrad.device import Buffer, MultiBuffer
@@ -187,12 +187,7 @@ class GraphCache:
       if (path := self.locate()) is None: return False
       self.path = path
       private_dir.make(path.parent)
-      with tempfile.NamedTemporaryFile(dir=self.path.parent, prefix=".tmp-", suffix=".tmp", delete=False) as f:
-        try: _Writer(f, names).dump({"format": FORMAT, "graphs": graphs})
-        except BaseException:
-          os.unlink(f.name)
-          raise
-      os.replace(f.name, self.path)  # whole or not at all, also when two processes write the same key
+      with private_dir.replacing(self.path, ".tmp-", ".tmp") as f: _Writer(f, names).dump({"format": FORMAT, "graphs": graphs})
     except (OSError, pickle.PicklingError, RecursionError) as e:
       warnings.warn(f"could not write the captured graphs to {self.path} ({type(e).__name__}: {e})", RuntimeWarning)
       return False

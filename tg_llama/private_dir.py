@@ -32,6 +32,18 @@ def touch(path: pathlib.Path) -> pathlib.Path:
   with contextlib.suppress(FileExistsError): os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
   return path
 
+@contextlib.contextmanager
+def replacing(path: pathlib.Path, prefix: str, suffix: str, mode: str = "wb", **kwargs):
+  """A new 0600 file in `path`'s folder, named prefix...suffix, to write in the block; when the block ends without an error
+  it replaces `path` in one rename (a reader sees the old file or the whole new one, also when two processes write it),
+  else it is removed."""
+  with tempfile.NamedTemporaryFile(mode, dir=path.parent, prefix=prefix, suffix=suffix, delete=False, **kwargs) as f:
+    try: yield f
+    except BaseException:
+      os.unlink(f.name)
+      raise
+  os.replace(f.name, path)
+
 @functools.cache
 def temp_folder(purpose: str) -> pathlib.Path:
   """A 0700 folder of this process's own in the system's temporary folder, removed at exit."""

@@ -167,12 +167,7 @@ def _build(src: str, tmp: pathlib.Path, lib: pathlib.Path | None) -> pathlib.Pat
                  check=True, capture_output=True)
   if lib is None: return out
   try:
-    with tempfile.NamedTemporaryFile(dir=lib.parent, prefix=".tmp-graph_runner_", suffix=".so", delete=False) as f:  # 0600
-      try: f.write(out.read_bytes())
-      except BaseException:
-        os.unlink(f.name)
-        raise
-    os.replace(f.name, lib)  # atomic: a concurrent process sees the whole file or none
+    with private_dir.replacing(lib, ".tmp-graph_runner_", ".so") as f: f.write(out.read_bytes())
   except OSError: return out  # a cache that cannot be written: this process's own copy still runs
   return lib
 

@@ -21,7 +21,7 @@ cache keys include the choices in use (fingerprint), so graphs of other choices 
 Not here: a search over every opt (tinygrad's BEAM does that, for one kernel at a time and minutes a kernel), kernels no
 rule claims (tinygrad's heuristic keeps them), other backends."""
 from __future__ import annotations
-import contextlib, dataclasses, datetime, functools, hashlib, json, math, os, pathlib, platform, tempfile, warnings
+import contextlib, dataclasses, datetime, functools, hashlib, json, math, pathlib, platform, warnings
 from typing import Callable
 import tinygrad.codegen as codegen
 import tinygrad.codegen.opt.heuristic as heuristic
@@ -169,12 +169,7 @@ def write(table: Table, folder: pathlib.Path) -> pathlib.Path:
   others = [t for t in read_tables(folder) if t.machine != table.machine][-(MAX_TABLES - 1):]
   text = json.dumps({"format": FORMAT, "tables": [_table_json(t) for t in [*others, table]]}, indent=1)
   private_dir.make(folder)
-  with tempfile.NamedTemporaryFile("w", encoding="utf-8", dir=folder, prefix=".tmp-tuned-", suffix=".json", delete=False) as f:  # 0600
-    try: f.write(text)
-    except BaseException:
-      os.unlink(f.name)
-      raise
-  os.replace(f.name, path := table_path(folder))
+  with private_dir.replacing(path := table_path(folder), ".tmp-tuned-", ".json", "w", encoding="utf-8") as f: f.write(text)
   return path
 
 def fingerprint() -> str:
