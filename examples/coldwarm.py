@@ -1,11 +1,11 @@
 """Time to first token of a fresh process, with and without the per-backend caches (compiled kernels, captured graphs).
 
 Runs three processes one after the other, on a cache folder of their own (the user's is never touched):
-  cold          nothing cached: every kernel compiles, prefill and decode run eagerly and are captured (graphs saved)
+  cold          nothing cached: every kernel compiles, prefill and decode are captured at their first call (graphs saved)
   kernels       compiled kernels cached, graph cache off (TG_LLAMA_GRAPH_CACHE=0): still scheduled and captured
   kernels+jit   both cached: the captured graphs load with the model and replay from the first call
 Each process loads the model, then answers two prompts greedily; it times the load, the first prompt's first token and
-all of its tokens, and the second prompt's first token (without graphs, TinyJit captures prefill on its second call).
+all of its tokens, and the second prompt's first token (replayed from the graphs the first one captured or loaded).
 A benchmark, not a test. Usage: DEV=CPU python examples/coldwarm.py [--model PATH] [--tokens 16] [--cache-dir DIR]"""
 import argparse, json, os, pathlib, shutil, subprocess, sys, tempfile, time
 

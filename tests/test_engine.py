@@ -6,7 +6,7 @@ import threading
 import numpy as np
 import pytest
 import tg_llama
-from tg_llama.engine.engine import ROW_PREFILL, Engine, Request
+from tg_llama.engine.engine import ROW_PREFILL, ROW_TAIL, Engine, Request
 from tg_llama.engine.runner import buckets
 from tg_llama.errors import ContextLengthError, EngineBusyError
 from tg_llama.sampling import SamplingParams
@@ -71,6 +71,17 @@ def test_mixed_greedy_and_sampled_batch(tiny, model):
   assert greedy == reference_greedy(hf, PROMPTS[0], 8)
   assert sampled == list(model.generate(requests[1].prompt, 8, requests[1].sampling))
 
+def test_a_top_k_row_runs_the_graph_with_the_top_k_search(tiny, model):
+  hf, _ = tiny
+  # top_k=1 at temperature 1 is greedy decoding only where the top-k search runs; the other row, without top-k, draws
+  # what it draws alone (from the graph without the search)
+  requests = [Request(tuple(PROMPTS[0]), 8, SamplingParams(temperature=1.0, top_k=1, seed=3)),
+              Request(tuple(PROMPTS[1]), 8, SamplingParams(temperature=0.9, seed=1))]
+  top_k, plain = run_together(model.engine, requests)
+  assert top_k == reference_greedy(hf, PROMPTS[0], 8) == list(model.generate(requests[0].prompt, 8, requests[0].sampling))
+  assert plain == list(model.generate(requests[1].prompt, 8, requests[1].sampling))
+  assert model.runner.top_k_sample_jits[2].captured is not None and model.runner.sample_jits[1].captured is not None
+
 def test_prefix_reuse_prefills_only_the_new_tokens(tiny, model):
   hf, _ = tiny
   engine, first = model.engine, [7, 250, 33, 99, 5, 300, 41]  # no other prompt of these tests starts with 7
@@ -91,15 +102,19 @@ def test_prefix_reuse_prefills_only_the_new_tokens(tiny, model):
 
 def test_short_prompt_rests_run_as_rows(tiny, model, monkeypatch):
   """A prompt rest of at most ROW_PREFILL tokens runs as rows of batched steps, never as a padded prefill chunk; a longer
-  prompt takes chunks until its rest is that short. Either way the tokens are transformers'."""
+  one in the smallest chunk that leaves at most ROW_TAIL tokens for rows (the runner's chunks: 64 and 32 tokens here).
+  Either way the tokens are transformers'."""
   hf, _ = tiny
-  chunks, prefill = [], model.runner.prefill
-  monkeypatch.setattr(model.runner, "prefill", lambda slot, tokens, start: chunks.append(len(tokens)) or prefill(slot, tokens, start))
-  long, short = [2] + [310, 311] * 35, [3, 140, 141, 142, 143, 144, 145, 146, 147, 148, 149]  # 71 and 11 tokens: new prefixes
-  for prompt in (long, short):
+  chunks, run_chunk = [], model.runner.run_chunk
+  monkeypatch.setattr(model.runner, "run_chunk", lambda slot, x, start: chunks.append((len(x), model.runner.chunk_in[next(
+    c for c in model.runner.chunks if c >= len(x))].shape[1])) or run_chunk(slot, x, start))
+  assert model.runner.chunks == (32, 64) and (ROW_PREFILL, ROW_TAIL) == (16, 8)
+  # new prefixes of 71, 11, 36 and 24 tokens
+  prompts = [[2] + [310, 311] * 35, [3] + list(range(140, 150)), [4] + list(range(150, 185)), [5] + list(range(190, 213))]
+  for prompt in prompts:
     assert list(model.generate(prompt, 5)) == reference_greedy(hf, prompt, 5)
-  assert chunks == [64]  # the long prompt's first 64 tokens; its last 7 and all of the short one went as rows
-  assert len(long) > ROW_PREFILL >= len(short)  # the premise: one prompt chunked, one not
+  # (tokens, chunk size): 71 = a whole chunk + 7 rows; 11 rows; 36 = a half chunk + 4 rows; 24 in a half chunk, padded
+  assert chunks == [(64, 64), (32, 32), (24, 32)]
 
 def test_logprobs_are_transformers(tiny, model):
   hf, _ = tiny

@@ -60,7 +60,7 @@ def copy_of(first, tmp_path: pathlib.Path) -> pathlib.Path:
 def test_first_process_captures_and_saves(tiny, first):
   cache, out = first
   from tiny_models import PROMPT
-  assert out["loaded"] == [] and out["calls"] == {name: 2 for name in JITS}  # run once, then captured
+  assert out["loaded"] == [] and out["calls"] == {name: 1 for name in JITS}  # captured at the first call, replayed after
   assert len(graph_files(cache)) == 1 and out["warnings"] == []
   np.testing.assert_allclose(out["logits"], tiny[1][len(PROMPT) - 1], atol=1e-4, rtol=0)
   np.testing.assert_allclose(out["steps"], tiny[1][len(PROMPT):], atol=1e-4, rtol=0)
@@ -197,14 +197,14 @@ def mode_run(path: str, prompt: str, context: str, graph_cache: str, devices: st
   PROMPT = [int(i) for i in prompt.split(",")]
   model = tg_llama.load(path, max_context=int(context), graph_cache=graph_cache == "1", devices=int(devices))
   jits, calls = model_jits(model), {}
-  for name, jit in jits.items():  # each eager run and each capture calls the function in Python; a replay never does
+  for name, jit in jits.items():  # a capture calls the function in Python; a replay never does
     jit.fxn = lambda *a, _f=jit.fxn, _name=name, **kw: calls.update({_name: calls.get(_name, 0) + 1}) or _f(*a, **kw)
   with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter("always")
     loaded = None if model.graphs is None else list(model.graphs.load())
     cnt = {name: jit.cnt for name, jit in jits.items()}
-    # every graph used runs twice (eagerly, then captured) before the engine's last step saves them: the prefill chunk
-    # here, and each request starts a new prefix, so its 12 prompt tokens run as steps of 8 and 4 rows
+    # every graph used runs at least twice (captured, then replayed) before the engine's last step saves them: the prefill
+    # chunk here, and each request starts a new prefix, so its 12 prompt tokens run as steps of 8 and 4 rows
     for _ in range(2): model.runner.prefill(0, PROMPT, 0)
     new_prefix = lambda k: [(t + 40 * k) % 384 for t in PROMPT]
     logits = [model.logits(new_prefix(k)) for k in range(2)][0]

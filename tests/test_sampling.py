@@ -18,8 +18,8 @@ def hf_kept(logits: np.ndarray, p: SamplingParams) -> np.ndarray:
   if p.min_p != 0.0: s = lp.MinPLogitsWarper(p.min_p)(None, s)
   return (s[0] > -float("inf")).numpy()
 
-def our_kept(rows: list[np.ndarray], params: list[SamplingParams]) -> np.ndarray:
-  return candidate_mask(Tensor(np.stack(rows)), pack(params)).numpy()
+def our_kept(rows: list[np.ndarray], params: list[SamplingParams], top_k: bool = True) -> np.ndarray:
+  return candidate_mask(Tensor(np.stack(rows)), pack(params), top_k=top_k).numpy()
 
 CONFIGS = [SamplingParams(1.0, top_k=k) for k in (1, 5, 50, 999, 1000, 5000)] + \
   [SamplingParams(1.0, top_p=p) for p in (1e-6, 0.1, 0.5, 0.9, 0.99)] + \
@@ -39,6 +39,10 @@ def test_filters_match_transformers():
     np.testing.assert_array_equal(ours[i], hf_kept(v, p), err_msg=f"row {i}: {p}")
   n = ours.sum(1)
   assert ((1 < n) & (n < 700)).mean() > 0.5  # most rows do filter, and keep more than one
+  # the filters without the top-k search, for rows that do not use it
+  plain = [i for i, p in enumerate(params) if p.top_k == 0]
+  without = our_kept([rows[i] for i in plain], [params[i] for i in plain], top_k=False)
+  for j, i in enumerate(plain): np.testing.assert_array_equal(without[j], hf_kept(rows[i], params[i]), err_msg=f"row {i}: {params[i]}")
 
 def test_ties():
   # logits on a grid of 0.5, so the cut-off of top-k and top-p falls inside a group of equal values
@@ -95,7 +99,7 @@ def test_frequencies(params):
   s = Sampler(B, len(logits))
   s.reset([dataclasses.replace(params, seed=1000 + i) for i in range(B)])
   x = Tensor(np.tile(logits, (B, 1)))
-  toks = np.concatenate([s(x).numpy()[:, 0] for _ in range(steps)])
+  toks = np.concatenate([s(x, top_k=params.top_k > 0).numpy()[:, 0] for _ in range(steps)])  # the search only where it is used
   kept = hf_kept(logits, params)
   want = np.where(kept, np.exp(logits / params.temperature - (logits / params.temperature).max()), 0)
   want /= want.sum()

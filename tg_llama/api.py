@@ -202,9 +202,9 @@ def _check_memory(ckpt: Checkpoint, be: Backend, dtype: DType, context: int, slo
     raise InvalidArgumentError(f"max_context={context}{f' for {slots} slots' if slots > 1 else ''} needs a {_gb(kv)} KV cache and about {_gb(weights)} of weights, more than the "
                                f"{_gb(available)} of memory available on this machine; lower max_context (--max-context)")
 
-# bytes per 32 weights once loaded (tg_llama/quantize.py): Q8_0's int8 and Q4_x's packed nibbles with float32 scales
-# (and mins) where the file has float16 ones; int8's one scale per row left out
-LOADED_BLOCK_BYTES = {"Q8_0": 36, "Q4_0": 24, "Q4_1": 24, "int8": 32, "int4": 24}
+# bytes per 32 weights once loaded (tg_llama/quantize.py): Q8_0's int8 and Q4_x's packed nibbles with float16 scales (and
+# mins, Q4_0's made from its scale; float32 on a device without half, 4-8 bytes more); int8's one scale per row left out
+LOADED_BLOCK_BYTES = {"Q8_0": 34, "Q4_0": 20, "Q4_1": 20, "int8": 32, "int4": 24}
 
 def _weight_bytes(ckpt: Checkpoint, dtype: DType, quantize: str | None) -> int:
   """The weights' bytes once loaded (a tied head counted once): blocks a GGUF keeps (quantize "gguf", a GGUF file's

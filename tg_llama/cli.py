@@ -74,8 +74,8 @@ def warm_up(model):
   start = time.perf_counter()
   print("compiling kernels (fast after the first run on this backend)...", end="", file=sys.stderr, flush=True)
   loaded = model.graphs.load() if model.graphs is not None else getattr(model.runner, "graphs_loaded", lambda: ())()
-  # a 2-token prompt runs as a step of 2 rows, then steps of 1. TinyJit runs a function, then captures it; graphs loaded
-  # from disk replay at once, and one run sets up their kernels. Each run's prompt starts with another token: the same
+  # a 2-token prompt runs as a step of 2 rows, then steps of 1. A graph is captured at its first call, one loaded from
+  # disk replays at once; a second run replays the captured ones, and one run sets up the loaded ones' kernels. Each run's prompt starts with another token: the same
   # prompt again would reuse the slot's prefix and run as 1 row, and the 2-row graph would never be captured (nor saved).
   # Other batch sizes and the prefill chunk are set up when a turn first needs them (setting them all up here would
   # slow every start)

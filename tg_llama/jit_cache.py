@@ -1,7 +1,7 @@
 """Captured TinyJit graphs on disk, so that the second start of a model skips the capture before its first token.
 
-Without them, TinyJit runs each function eagerly once and captures it on the next call, scheduling every kernel in
-Python each time (seconds for SmolLM2-135M on the CPU, even with every kernel compiled and cached). A captured graph
+Without them, each function is captured at its first call (tg_llama/engine/runner.py's Jit), scheduling every kernel in
+Python (seconds for SmolLM2-135M on the CPU, even with every kernel compiled and cached). A captured graph
 (tinygrad's CapturedJit) pickles as its kernels, compiled code included, and the buffers they run on. We write it
 without any buffer's contents: a buffer of the model's own state (weights, KV caches, RoPE tables, sampler state) is
 written as its name and mapped back onto the loaded model's buffer of that name, after checking its size, dtype and
@@ -165,7 +165,7 @@ class GraphCache:
       warnings.warn(f"not using the captured graphs in {self.path or 'the cache'} ({type(e).__name__}: {e}); capturing them again",
                     RuntimeWarning)
       return ()
-    fresh = {name: c for name, c in graphs.items() if self.jits[name].cnt == 0}
+    fresh = {name: c for name, c in graphs.items() if self.jits[name].captured is None}
     for name, captured in fresh.items():
       jit = self.jits[name]
       jit.captured, jit.cnt = captured, 2  # what TinyJit holds after its capture run: the next call replays

@@ -2,7 +2,7 @@
 
 The order of the steps and their meaning follow transformers' generate (v5.23 `_get_logits_processor`): repetition penalty,
 then temperature, top-k, top-p, min-p, each filter seeing the survivors of the one before. Greedy (temperature 0) is the
-argmax of the penalized logits. The draw is Gumbel-max: argmax(logits/T - log(-log(u))).
+argmax of the penalized logits. The draw is an exponential race (Gumbel-max in another form): argmax(p / -log(u)).
 
 Nothing is sorted (tinygrad's bitonic sort builds a (V, V) mask for the indices): top-k and top-p find their cut-off by
 a search over the 32 bits of the float32 values (`_order_key`, `_largest`), so the cut-off is exact and the graph has a
@@ -88,9 +88,15 @@ def apply_openai_penalties(logits: Tensor, counts: Tensor, presence: Tensor, fre
   often each token was generated so far; presence and frequency (B, 1)."""
   return logits - (counts > 0).where(presence, 0.0) - counts.float() * frequency
 
-def filter_logits(logits: Tensor, knobs: Tensor, seen: Tensor|None = None, counts: Tensor|None = None) -> Tensor:
+def filter_logits(logits: Tensor, knobs: Tensor, seen: Tensor|None = None, counts: Tensor|None = None, top_k: bool = True) -> Tensor:
   """Penalized logits (B, V) divided by the temperature, with the tokens that top-k, top-p and min-p remove set to -inf.
-  Rows with temperature 0 are divided by 1 instead (sample() takes the argmax for them). The largest logit always stays."""
+  Rows with temperature 0 are divided by 1 instead (sample() takes the argmax for them). The largest logit always stays.
+  top_k=False leaves out the top-k search, for rows whose top_k knob is 0 (it would keep every token)."""
+  x, keep, _ = _filter(logits, knobs, seen, counts, top_k)
+  return keep.where(x, -float("inf"))
+
+def _filter(logits: Tensor, knobs: Tensor, seen: Tensor|None, counts: Tensor|None, top_k: bool) -> tuple[Tensor, Tensor, Tensor]:
+  """filter_logits' x (penalized, over the temperature), keep (the survivors) and e = exp(x - max x)."""
   B, V = logits.shape
   x = logits.float() if seen is None else apply_penalty(logits.float(), seen, _knob(knobs, "repetition_penalty"))
   if counts is not None: x = apply_openai_penalties(x, counts, _knob(knobs, "presence_penalty"), _knob(knobs, "frequency_penalty"))
@@ -98,12 +104,14 @@ def filter_logits(logits: Tensor, knobs: Tensor, seen: Tensor|None = None, count
   x = (x / temp.eq(0).where(1.0, temp)).contiguous()
   key = _order_key(x).contiguous().unsqueeze(2)  # (B, V, 1) against candidates (B, 1, C)
   # top-k: the k-th largest key is the largest t with at least k keys >= t. Like HF, this keeps every tie of the k-th
-  top_k = _knob(knobs, "top_k").minimum(V).cast(dtypes.int32)
-  k = top_k.eq(0).where(V, top_k)
-  keep = key[..., 0] >= _largest(lambda t: (key >= t.unsqueeze(1)).sum(1) >= k, B, x.device)
+  if top_k:
+    k = _knob(knobs, "top_k").minimum(V).cast(dtypes.int32)
+    k = k.eq(0).where(V, k)
+    keep = key[..., 0] >= _largest(lambda t: (key >= t.unsqueeze(1)).sum(1) >= k, B, x.device)
+  else: keep = Tensor.full((B, V), True, device=x.device)
   # top-p: HF sorts ascending and drops the tokens whose cumulative probability is <= 1-top_p, so we drop the keys <= the
   # largest t with mass(keys <= t) <= 1-top_p, in the distribution renormalized over the top-k survivors
-  e = (x - x.max(1, keepdim=True)).exp()
+  e = (x - x.max(1, keepdim=True)).exp().contiguous()  # once: an exp costs 4-5 ns a token on the CPU
   p = (keep.where(e, 0.0) / keep.where(e, 0.0).sum(1, keepdim=True)).contiguous().unsqueeze(2)
   # top_p == 1 is off, as in HF (which then skips the warper): 1-top_p = 0 would still drop the tokens whose p underflows
   top_p = _knob(knobs, "top_p")
@@ -111,7 +119,7 @@ def filter_logits(logits: Tensor, knobs: Tensor, seen: Tensor|None = None, count
   cut = _largest(lambda t: (key <= t.unsqueeze(1)).where(p, 0.0).sum(1) <= low, B, x.device)
   # min-p: p >= min_p * max(p) is e >= min_p, whatever the renormalization. e == 1 keeps the largest (HF keeps one)
   keep = keep & ((key[..., 0] > cut) | e.eq(1)) & (e >= _knob(knobs, "min_p"))
-  return keep.where(x, -float("inf"))
+  return x, keep, e
 
 def mask_logits(logits: Tensor, mask: Tensor) -> Tensor:
   """logits (B, V) with the tokens a constraint forbids set to -inf: mask (B, ceil(V/32)) int32, bit t % 32 of word t // 32
@@ -119,9 +127,9 @@ def mask_logits(logits: Tensor, mask: Tensor) -> Tensor:
   bits = (mask.bitcast(dtypes.uint32).unsqueeze(-1) >> Tensor.arange(32, dtype=dtypes.uint32).to(mask.device)) & 1
   return bits.reshape(mask.shape[0], -1)[:, :logits.shape[1]].eq(1).where(logits, -float("inf"))
 
-def candidate_mask(logits: Tensor, knobs: Tensor, seen: Tensor|None = None) -> Tensor:
+def candidate_mask(logits: Tensor, knobs: Tensor, seen: Tensor|None = None, top_k: bool = True) -> Tensor:
   """Which tokens (B, V) bool survive the filters."""
-  return filter_logits(logits, knobs, seen) > -float("inf")
+  return filter_logits(logits, knobs, seen, top_k=top_k) > -float("inf")
 
 def uniform(key: Tensor, counter: Tensor, n: int) -> Tensor:
   """(B, n) floats in (0, 1) from threefry2x32, keyed per row by key (B, 1) uint64 at step counter (B, 1) uint32."""
@@ -132,14 +140,18 @@ def uniform(key: Tensor, counter: Tensor, n: int) -> Tensor:
   # the top 23 bits, centred in their bucket: never 0 or 1, so -log(-log(u)) is always finite
   return ((bits >> 9).cast(dtypes.float32) + 0.5) * (2.0 ** -23)
 
-def sample(logits: Tensor, knobs: Tensor, key: Tensor, counter: Tensor, seen: Tensor|None = None, counts: Tensor|None = None) -> Tensor:
+def sample(logits: Tensor, knobs: Tensor, key: Tensor, counter: Tensor, seen: Tensor|None = None, counts: Tensor|None = None,
+           top_k: bool = True) -> Tensor:
   """Token ids (B, 1) int32 from logits (B, V), knobs (B, len(KNOBS)) from pack(), rng key (B, 1) uint64 and step
   counter (B, 1) uint32, and optionally the (B, V) bool mask of the tokens the repetition penalty applies to.
-  Pure and lazy: the same key and counter give the same draw, so advance the counter between steps (Sampler does)."""
-  x = filter_logits(logits, knobs, seen, counts)
-  # the largest logit survives every filter, so without the noise this is the greedy argmax (first index of ties)
-  gumbel = -(-uniform(key, counter, x.shape[1]).log()).log()
-  return (x + _knob(knobs, "temperature").eq(0).where(0.0, gumbel)).argmax(1, keepdim=True).cast(dtypes.int32)
+  Pure and lazy: the same key and counter give the same draw, so advance the counter between steps (Sampler does).
+  top_k=False: no row uses top-k (see filter_logits)."""
+  x, keep, e = _filter(logits, knobs, seen, counts, top_k)
+  # an exponential race: token i with probability e_i / sum(e) is the argmax of e_i / E_i, E_i = -log(u_i) ~ Exp(1) (Gumbel-max,
+  # argmax x_i - log(E_i), without its second log and its exp). Temperature 0: the argmax of x, the largest logit surviving
+  # every filter (first index of ties)
+  race = keep.where(e, 0.0) / -uniform(key, counter, x.shape[1]).log()
+  return _knob(knobs, "temperature").eq(0).where(keep.where(x, -float("inf")), race).argmax(1, keepdim=True).cast(dtypes.int32)
 
 class Sampler:
   """The device state for sampling up to S sequences (slots) over a vocabulary of V: knobs, the seen mask, the rng key
@@ -154,6 +166,9 @@ class Sampler:
     self.counts = Tensor.zeros(slots, vocab, dtype=dtypes.int32, device=device).contiguous().realize()  # generated tokens
     self.key = Tensor.zeros(slots, 1, dtype=dtypes.uint64, device=device).contiguous().realize()
     self.counter = Tensor.zeros(slots, 1, dtype=dtypes.uint32, device=device).contiguous().realize()
+    self.top_k_slots: set[int] = set()  # the slots whose sequence uses top-k, known on the host
+
+  def uses_top_k(self, slots: Sequence[int]) -> bool: return not self.top_k_slots.isdisjoint(slots)
 
   def reset(self, params: Sequence[SamplingParams], prompts: Sequence[Sequence[int]]|None = None, slots: Sequence[int]|None = None) -> None:
     """Start new sequences in `slots` (default: the first len(params)): one SamplingParams each (the same seed draws the
@@ -170,6 +185,8 @@ class Sampler:
       seen[slot, ids] = True
       knobs[slot] = pack([p]).numpy()[0]
       keys[slot], counter[slot] = secrets.randbits(64) if p.seed is None else p.seed, 0
+      if p.top_k: self.top_k_slots.add(slot)
+      else: self.top_k_slots.discard(slot)
     dev = self.knobs.device
     counts = self.counts.numpy()
     counts[slots] = 0
@@ -177,12 +194,13 @@ class Sampler:
                    self.counts.assign(Tensor(counts, device=dev)),
                    self.key.assign(Tensor(keys, device=dev)), self.counter.assign(Tensor(counter, device=dev)))
 
-  def __call__(self, logits: Tensor, slots: Sequence|None = None) -> Tensor:
+  def __call__(self, logits: Tensor, slots: Sequence|None = None, top_k: bool = True) -> Tensor:
     """Draws the next tokens (B, 1) int32 from logits (B, V), row b for the sequence in slots[b] (default: row b's
     own slot), marks them seen and advances that slot's rng. Realizes, so call it last in the step: under a TinyJit,
     the state updates must run inside the captured graph, not after it. No two rows may name the same slot: both would
     read the state before either writes it back, in no set order (unless the slot is a scratch one whose state means
-    nothing: tg_llama/engine/runner.py points rows that sample for no sequence at one)."""
+    nothing: tg_llama/engine/runner.py points rows that sample for no sequence at one). top_k=False where no row's
+    sequence uses top-k (uses_top_k)."""
     B = logits.shape[0]
     if (slots is None and B > self.slots) or logits.shape[1] != self.vocab or (slots is not None and len(slots) != B):
       raise InvalidArgumentError(f"logits must be (rows, {self.vocab}) with a slot per row (at most {self.slots} rows without slots), "
@@ -192,7 +210,7 @@ class Sampler:
     rows = lambda t: Tensor.cat(*v) if len(v := views(t)) > 1 else v[0]
     seen, counts, counter = rows(self.seen), rows(self.counts), rows(self.counter)
     # realized before the state is written: else the writes may run first, and the token be drawn again from the new state
-    tok = sample(logits, rows(self.knobs), rows(self.key), counter, seen, counts).realize()
+    tok = sample(logits, rows(self.knobs), rows(self.key), counter, seen, counts, top_k).realize()
     updates = ((self.seen, mark_seen(seen, tok)), (self.counts, counts + Tensor.arange(self.vocab).reshape(1, -1).eq(tok)), (self.counter, counter + 1))
     width = B if slots is None else 1
     Tensor.realize(*[v.assign(new[i * width:(i + 1) * width]) for state, new in updates for i, v in enumerate(views(state))])

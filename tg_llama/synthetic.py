@@ -44,7 +44,7 @@ def cached_file(name: str, config: LlamaConfig | None = None, context: int = 0) 
   if why is not None: raise TgLlamaError(f"the synthetic models' folder {folder()} is not used: {why}")
   from tg_llama.api import LOADED_BLOCK_BYTES, mem_available
   size = file_bytes(config)
-  loaded = size * LOADED_BLOCK_BYTES["Q4_1"] // BLOCK_BYTES  # the blocks' scales widened to float32 at load
+  loaded = size * LOADED_BLOCK_BYTES["Q4_1"] // BLOCK_BYTES  # the blocks as loaded
   kv = 2 * config.n_layers * config.n_kv_heads * config.head_dim * context * 4  # float32, the CPU's compute dtype
   if (available := mem_available()) is not None and loaded + kv > available:
     raise InvalidArgumentError(f"--synthetic {name}: its {loaded / 1e9:.3g} GB of Q4_1 weights (as loaded) and {kv / 1e9:.3g} GB of KV "

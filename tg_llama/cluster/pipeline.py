@@ -22,7 +22,7 @@ import numpy as np
 from tinygrad import dtypes
 from tg_llama.config import LlamaConfig
 from tg_llama.engine.kv_cache import KVCache
-from tg_llama.engine.runner import MIN_ROWS, buckets
+from tg_llama.engine.runner import MIN_ROWS, buckets, chunk_sizes
 from tg_llama.errors import TgLlamaError
 from tg_llama.cluster.plan import StagePlan
 
@@ -51,6 +51,7 @@ class PipelineRunner:
     import ray
     self.ray, self.stages, self.plan, self.config, self.max_context = ray, stages, plan, config, max_context
     self.prefill_chunk = min(prefill_chunk, max_context)
+    self.chunks = chunk_sizes(self.prefill_chunk)  # each stage's runner has a graph for each
     self.timeout, self.restart_timeout, self.max_recoveries = timeout, restart_timeout, max_recoveries
     self.buckets = buckets(max(slots, MIN_ROWS))
     self.cache = KVCache(config, range(0), slots, max_context + self.prefill_chunk, dtypes.float32, "CPU")  # the slots' bookkeeping

@@ -277,14 +277,14 @@ def record(run: Callable[[], object]) -> list[Kernel]:
   heuristic.hand_coded_optimizations = recording  # looked up at each use, as opts.install relies on
   if lower_only: tensor.run_linear = lower
   try:
-    with Context(PARALLEL=0): run()
+    with Context(PARALLEL=0, JIT=0): run()  # the JITs run their functions (a capture would lower and compile everything)
   finally: heuristic.hand_coded_optimizations, tensor.run_linear = ours, run_linear
   return list(seen.values())
 
 def run_engine(runner) -> None:
   """What the engine runs: a prefill chunk, and for each batch bucket a decode step and its greedy and sampling heads
   (called as the runner calls them, without reading their tokens: nothing may have run)."""
-  logits = runner.prefill(0, [1] * 4, 0)  # a whole chunk runs, padded
+  for n in runner.chunks: logits = runner.prefill(0, [1] * n, 0)  # each chunk size
   for b in runner.buckets:
     logits = runner.decode([(0, (4 + i) % runner.max_context, 1) for i in range(b)])
     runner.greedy_jits[b](logits, runner.no_mask[b])

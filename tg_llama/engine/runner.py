@@ -1,12 +1,13 @@
 """The model runner: a model (or a layer shard of one) on one backend, its KV cache of S slots, and the captured graphs that
 run it.
 
-Graphs (Jit: tinygrad's TinyJit, replayed from C on the CPU by tg_llama/cpu/graph.py): one prefill of a fixed-size chunk of one
-sequence, and per batch bucket (1, 2, 4, 8, ... up to max(S, 8) rows) one step of one token per row and its greedy and
+Graphs (Jit: tinygrad's TinyJit, replayed from C on the CPU by tg_llama/cpu/graph.py): a prefill of a fixed-size chunk of one
+sequence (two sizes: the chunk and half of it), and per batch bucket (1, 2, 4, 8, ... up to max(S, 8) rows) one step of one token per row and its greedy and
 sampling heads. A row is a (slot, position, token): the next token of a generating sequence, or one token of a prompt's
 short rest (several rows of one slot at consecutive positions: every row's keys and values are written before any row
 attends). Each row's cache slot and position are symbolic variables bound per call, so one graph serves every position
-and every assignment of sequences to slots. Prefill runs in chunks of `prefill_chunk` tokens, the last one padded:
+and every assignment of sequences to slots. Prefill runs in chunks of `prefill_chunk` tokens, the last one padded (in a half
+chunk where it fits):
 fixed shapes compile to kernels about 3x faster than a symbolic chunk length on the CPU, and the padding's keys and
 values land in slack positions past the context (or are overwritten later) where no real query ever looks. A batch
 smaller than its bucket is padded with copies of its first row: they write the same keys and values to the same place
@@ -35,6 +36,10 @@ from tg_llama.sampling import Sampler, mask_logits
 
 MIN_ROWS = 8  # rows a step can take even with fewer slots: a short prompt rest runs 8 tokens a step, not a padded chunk
 
+def chunk_sizes(prefill_chunk: int) -> tuple[int, ...]:
+  """The prefill chunks with a graph each: the whole chunk, and half of it for a prompt's rest that fits (half the padding)."""
+  return tuple(sorted({max(prefill_chunk // 2, 1), prefill_chunk}))
+
 def buckets(rows: int) -> tuple[int, ...]:
   """Batch sizes with a decode graph each: powers of two below `rows`, and `rows`."""
   return tuple(sorted({*(1 << i for i in range(rows.bit_length()) if 1 << i < rows), rows}))
@@ -42,8 +47,14 @@ def buckets(rows: int) -> tuple[int, ...]:
 class Jit(_TinyJit):
   """tinygrad's TinyJit. A graph it captures (or is given, tg_llama/jit_cache.py) on CPU tensors is offered to the CPU backend's
   own replay (tg_llama/cpu/graph.py, imported only then), which takes it when every kernel runs on the CPU; any other graph
-  replays through tinygrad."""
+  replays through tinygrad. The first call captures (TinyJit's runs its function once without capturing first): that run
+  is not memory-planned, so it held every intermediate at once (Llama 3.2 1B's prefill chunk: 256 MB over the graph's),
+  and it cost a whole extra run of every graph on a cold start. What the model reads is realized before its first call."""
   offered = None  # the captured graph last offered: each once
+
+  def __init__(self, fxn=None, captured=None, prune=False):
+    super().__init__(fxn, captured, prune)
+    if fxn is not None: self.cnt = 1
 
   def __call__(self, *args, **kwargs):
     ret = super().__call__(*args, **kwargs)
@@ -74,13 +85,14 @@ class ModelRunner:
     new = lambda *shape, fill=0, dtype=dtypes.int32: Tensor.full(shape, fill, dtype=dtype, device=device).contiguous().realize()
     row = () if llama.is_first else (llama.config.dim,)
     kind = dtypes.int32 if llama.is_first else dtypes.float32
-    self.chunk_in = new(1, self.prefill_chunk, *row, dtype=kind)
+    self.chunks = chunk_sizes(self.prefill_chunk)
+    self.chunk_in = {n: new(1, n, *row, dtype=kind) for n in self.chunks}
     self.rows_in = {b: new(b, 1, *row, dtype=kind) for b in self.buckets}
     pos = lambda name: UOp.variable(name, 0, max_context - 1)
     slot = lambda name: UOp.variable(name, 0, slots - 1)
-    self.v_prefill = (slot("slot"), pos("start_pos"), UOp.variable("last_index", 0, self.prefill_chunk - 1))
+    self.v_prefill = {n: (slot("slot"), pos("start_pos"), UOp.variable("last_index", 0, n - 1)) for n in self.chunks}
     self.v_rows = {b: [(slot(f"slot{i}"), pos(f"pos{i}")) for i in range(b)] for b in self.buckets}
-    self.prefill_jit = Jit(self._prefill)
+    self.prefill_jits = {n: Jit(self._prefill) for n in self.chunks}
     self.decode_jits = {b: Jit(self._decode) for b in self.buckets}
     if llama.is_last:
       self.sampler = Sampler(slots + 1, llama.config.vocab_size, device)  # the last row: scratch for a bucket's padding
@@ -88,7 +100,8 @@ class ModelRunner:
       self.no_mask = {b: new(b, words(llama.config.vocab_size), fill=-1) for b in self.buckets}
       self.v_sample = {b: [UOp.variable(f"row{i}", 0, slots) for i in range(b)] for b in self.buckets}  # sampler rows: slots and scratch
       self.greedy_jits = {b: Jit(greedy) for b in self.buckets}
-      self.sample_jits = {b: Jit(self._sample) for b in self.buckets}
+      self.sample_jits = {b: Jit(self._sample) for b in self.buckets}              # rows of sequences without top-k
+      self.top_k_sample_jits = {b: Jit(self._top_k_sample) for b in self.buckets}  # and with: its search costs 0.4 ms
 
   @property
   def config(self) -> LlamaConfig: return self.llama.config
@@ -98,9 +111,11 @@ class ModelRunner:
 
   def jits(self) -> dict[str, Jit]:
     """Every captured graph by name (tg_llama/jit_cache.py saves and loads them)."""
-    out = {"prefill": self.prefill_jit, **{f"decode{b}": self.decode_jits[b] for b in self.buckets}}
+    out = {"prefill": self.prefill_jits[self.prefill_chunk], **{f"decode{b}": self.decode_jits[b] for b in self.buckets}}
+    if len(self.chunks) > 1: out["prefill_half"] = self.prefill_jits[self.chunks[0]]
     if self.llama.is_last:
-      for b in self.buckets: out.update({f"greedy{b}": self.greedy_jits[b], f"sample{b}": self.sample_jits[b]})
+      for b in self.buckets:
+        out.update({f"greedy{b}": self.greedy_jits[b], f"sample{b}": self.sample_jits[b], f"top_k_sample{b}": self.top_k_sample_jits[b]})
     return out
 
   def state(self) -> dict:
@@ -117,7 +132,8 @@ class ModelRunner:
   def _input(self, x: Tensor) -> Tensor: return place_input(x if self.llama.is_first else x.cast(self.dtype), self.devices)
   def _output(self, out: Tensor) -> Tensor: return (out if self.llama.is_last else out.float()).to(self.device).realize()
 
-  def _sample(self, logits: Tensor, mask: Tensor, *slots: UOp) -> Tensor: return self.sampler(mask_logits(logits, mask), slots)
+  def _sample(self, logits: Tensor, mask: Tensor, *slots: UOp) -> Tensor: return self.sampler(mask_logits(logits, mask), slots, top_k=False)
+  def _top_k_sample(self, logits: Tensor, mask: Tensor, *slots: UOp) -> Tensor: return self.sampler(mask_logits(logits, mask), slots)
 
   def prefill(self, slot: int, tokens: Sequence[int], start: int) -> Tensor:
     """Write `tokens` into `slot` from position `start` (the slot holds the keys and values of every position before);
@@ -130,13 +146,14 @@ class ModelRunner:
 
   def run_chunk(self, slot: int, x: np.ndarray, start: int) -> Tensor:
     """One prefill chunk at positions start..start+n-1 of `slot`: x is n <= prefill_chunk token ids, or after the first
-    shard their hidden states (n, dim). The last shard gives the logits (1, vocab) after the last one, the others the
-    hidden states (1, prefill_chunk, dim), of which rows n.. are padding."""
+    shard their hidden states (n, dim), run in the smallest chunk that holds them. The last shard gives the logits
+    (1, vocab) after the last one, the others the hidden states (1, chunk, dim), of which rows n.. are padding."""
     n = len(x)
-    padded = np.zeros(self.chunk_in.shape, dtype=x.dtype)
+    size = next(c for c in self.chunks if c >= n)
+    padded = np.zeros(self.chunk_in[size].shape, dtype=x.dtype)
     padded[0, :n] = x
-    s, p, last = self.v_prefill
-    return self.prefill_jit(write(self.chunk_in, padded), s.bind(slot), p.bind(start), last.bind(n - 1))
+    s, p, last = self.v_prefill[size]
+    return self.prefill_jits[size](write(self.chunk_in[size], padded), s.bind(slot), p.bind(start), last.bind(n - 1))
 
   def bucket(self, n: int) -> int: return next(b for b in self.buckets if b >= n)
 
@@ -162,7 +179,9 @@ class ModelRunner:
     rows = [self.slots if s is None else s for s in slots] + [self.slots] * (b - len(slots))
     allowed = self.no_mask[b] if mask is None else write(self.masks[b], mask)
     if greedy_only: tok = self.greedy_jits[b](logits, allowed)
-    else: tok = self.sample_jits[b](logits, allowed, *[v.bind(s) for v, s in zip(self.v_sample[b], rows)])
+    else:
+      jits = self.top_k_sample_jits if self.sampler.uses_top_k(rows) else self.sample_jits
+      tok = jits[b](logits, allowed, *[v.bind(s) for v, s in zip(self.v_sample[b], rows)])
     return read(tok)[:len(slots), 0]
 
 def devices_of(t: Tensor) -> tuple[str, ...]: return t.device if isinstance(t.device, tuple) else (t.device,)
