@@ -97,7 +97,7 @@ def test_a_real_graph_loads_with_the_allowed_classes(cache, tmp_path, monkeypatc
   path = write_hf(hf_model("gqa_tied"), tmp_path / "hf")
   model = tg_llama.load(path, max_context=64)
   for k in range(2):  # twice each from new prefixes (run, then captured): a prefill chunk, steps of 8, 4 and 1 rows
-    list(model.generate([(t + 40 * k) % 384 for t in PROMPT * 3 + [5, 6, 7, 8]], 3))  # 40 tokens: one chunk
+    list(model.generate([(t + 40 * k) % 384 for t in PROMPT * 5], 3))  # 60 tokens: one whole chunk
     list(model.generate([(t + 40 * k + 20) % 384 for t in PROMPT], 3))                # 12: rows
   model.graphs.save_new()  # generate saves them as soon as they are captured
   assert model.graphs.path.is_file()

@@ -9,8 +9,8 @@ from tiny_models import PROMPT, hf_model, write_hf
 def test_no_new_kernels_after_warm_up(tmp_path):
   model = tg_llama.load(write_hf(hf_model("gqa_tied"), tmp_path / "hf"), max_context=128)
   sampling = SamplingParams(temperature=0.8, top_p=0.9, seed=0)
-  for run in range(2):  # warm-up: run, then capture, every graph: a prefill chunk, steps of 1, 2, 4 and 8 rows, both heads
-    for n in (1, 2, 3, 7, 70):  # prompts of new prefixes: 70 tokens are a chunk and 6 rows
+  for run in range(2):  # warm-up: every graph, twice: both prefill chunks, steps of 1, 2, 4 and 8 rows, both heads
+    for n in (1, 2, 3, 7, 24, 70):  # prompts of new prefixes: 24 tokens are a half chunk, 70 a chunk and 6 rows
       list(model.generate([100 * run + n + i for i in range(n)], 4))
       list(model.generate([100 * run + n + 50 + i for i in range(n)], 4, sampling))
   kernels, decode = len(to_program_cache), model.runner.decode_jits[1].captured

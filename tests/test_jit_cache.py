@@ -15,7 +15,7 @@ from tg_llama.jit_cache import GraphCache, graphs_enabled
 HERE = pathlib.Path(__file__).resolve()
 REPO = HERE.parent.parent
 FORCED = [5, 77, 200]  # tokens fed to decode after the prompt, one step each
-JITS = ["decode1", "decode4", "decode8", "greedy1", "greedy4", "prefill", "sample1", "sample4"]  # the graphs mode_run uses
+JITS = ["decode1", "decode4", "decode8", "greedy1", "greedy4", "prefill_half", "sample1", "sample4"]  # the graphs mode_run uses
 
 def run(cache: pathlib.Path, path: str, context: int = 32, graph_cache: bool = True, devices: int = 1, env: dict | None = None) -> dict:
   """This file as a script: the tiny model on DEV=CPU with its caches in `cache`; its report (the last stdout line)."""
