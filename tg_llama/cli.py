@@ -74,12 +74,12 @@ def warm_up(model):
   start = time.perf_counter()
   print("compiling kernels (fast after the first run on this backend)...", end="", file=sys.stderr, flush=True)
   loaded = model.graphs.load() if model.graphs is not None else getattr(model.runner, "graphs_loaded", lambda: ())()
-  # a 2-token prompt runs as a step of 2 rows, then steps of 1. A graph is captured at its first call, one loaded from
-  # disk replays at once; a second run replays the captured ones, and one run sets up the loaded ones' kernels. Each run's prompt starts with another token: the same
-  # prompt again would reuse the slot's prefix and run as 1 row, and the 2-row graph would never be captured (nor saved).
-  # Other batch sizes and the prefill chunk are set up when a turn first needs them (setting them all up here would
-  # slow every start)
-  runs = 1 if {"decode1", "greedy1", "decode2", "greedy2"} <= set(loaded) else 3
+  # a 2-token prompt runs as a step of 2 rows, then steps of 1. A graph is captured at its first call and set up at its
+  # first replay (a second run); one loaded from disk replays at once, and one run sets it up. Each run's prompt starts
+  # with another token: the same prompt again would reuse the slot's prefix and run as 1 row, and the 2-row graph would
+  # never be captured (nor saved). Other batch sizes and the prefill chunks are set up when a turn first needs them
+  # (setting them all up here would slow every start)
+  runs = 1 if {"decode1", "greedy1", "decode2", "greedy2"} <= set(loaded) else 2
   for i in range(runs): list(model.generate([i % model.config.vocab_size] * 2, 3))
   print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr)
 

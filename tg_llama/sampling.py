@@ -137,7 +137,7 @@ def uniform(key: Tensor, counter: Tensor, n: int) -> Tensor:
   x = (counter.cast(dtypes.uint64) << 32) | Tensor.arange(half, dtype=dtypes.uint64).reshape(1, -1)
   bits = x.threefry(key)
   bits = bits.cast(dtypes.uint32).cat((bits >> 32).cast(dtypes.uint32), dim=1)[:, :n]
-  # the top 23 bits, centred in their bucket: never 0 or 1, so -log(-log(u)) is always finite
+  # the top 23 bits, centred in their bucket: never 0 or 1, so -log(u) is always positive and finite
   return ((bits >> 9).cast(dtypes.float32) + 0.5) * (2.0 ** -23)
 
 def sample(logits: Tensor, knobs: Tensor, key: Tensor, counter: Tensor, seen: Tensor|None = None, counts: Tensor|None = None,

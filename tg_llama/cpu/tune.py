@@ -282,13 +282,14 @@ def record(run: Callable[[], object]) -> list[Kernel]:
   return list(seen.values())
 
 def run_engine(runner) -> None:
-  """What the engine runs: a prefill chunk, and for each batch bucket a decode step and its greedy and sampling heads
+  """What the engine runs: each prefill chunk, and for each batch bucket a decode step and its greedy and sampling heads
   (called as the runner calls them, without reading their tokens: nothing may have run)."""
-  for n in runner.chunks: logits = runner.prefill(0, [1] * n, 0)  # each chunk size
+  for n in runner.chunks: logits = runner.prefill(0, [1] * n, 0)
   for b in runner.buckets:
     logits = runner.decode([(0, (4 + i) % runner.max_context, 1) for i in range(b)])
     runner.greedy_jits[b](logits, runner.no_mask[b])
-    runner.sample_jits[b](logits, runner.no_mask[b], *[v.bind(runner.slots) for v in runner.v_sample[b]])  # the scratch row
+    for heads in (runner.sample_jits, runner.top_k_sample_jits):
+      heads[b](logits, runner.no_mask[b], *[v.bind(runner.slots) for v in runner.v_sample[b]])  # the scratch row
 
 def to_ms(seconds: float) -> float: return round(seconds * 1e3, 4) if math.isfinite(seconds) else 0.0
 

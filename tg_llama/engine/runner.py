@@ -1,19 +1,19 @@
 """The model runner: a model (or a layer shard of one) on one backend, its KV cache of S slots, and the captured graphs that
 run it.
 
-Graphs (Jit: tinygrad's TinyJit, replayed from C on the CPU by tg_llama/cpu/graph.py): a prefill of a fixed-size chunk of one
-sequence (two sizes: the chunk and half of it), and per batch bucket (1, 2, 4, 8, ... up to max(S, 8) rows) one step of one token per row and its greedy and
-sampling heads. A row is a (slot, position, token): the next token of a generating sequence, or one token of a prompt's
-short rest (several rows of one slot at consecutive positions: every row's keys and values are written before any row
-attends). Each row's cache slot and position are symbolic variables bound per call, so one graph serves every position
-and every assignment of sequences to slots. Prefill runs in chunks of `prefill_chunk` tokens, the last one padded (in a half
-chunk where it fits):
-fixed shapes compile to kernels about 3x faster than a symbolic chunk length on the CPU, and the padding's keys and
-values land in slack positions past the context (or are overwritten later) where no real query ever looks. A batch
+Graphs (Jit: tinygrad's TinyJit, replayed from C on the CPU by tg_llama/cpu/graph.py): a prefill of a fixed-size chunk
+of one sequence (two sizes: the chunk and half of it), and per batch bucket (1, 2, 4, 8, ... up to max(S, 8) rows) one
+step of one token per row and its greedy and sampling heads (the sampling head with and without top-k's search). A row
+is a (slot, position, token): the next token of a generating sequence, or one token of a prompt's short rest (several
+rows of one slot at consecutive positions: every row's keys and values are written before any row attends). Each row's
+cache slot and position are symbolic variables bound per call, so one graph serves every position and every assignment
+of sequences to slots. Prefill runs in chunks of `prefill_chunk` tokens, the last one padded (in a half chunk where it
+fits): fixed shapes compile to kernels about 3x faster than a symbolic chunk length on the CPU, and the padding's keys
+and values land in slack positions past the context (or are overwritten later) where no real query ever looks. A batch
 smaller than its bucket is padded with copies of its first row: they write the same keys and values to the same place
 and draw the same logits, and their outputs are dropped. Sampling reads and advances per-sequence state, so there the
-rows that sample for no sequence (padding, a prompt's inner tokens) use a scratch row of the sampler's instead (two
-rows updating one sequence's state would advance it twice).
+rows that sample for no sequence (padding, a prompt's inner tokens) use a scratch row of the sampler's instead (two rows
+updating one sequence's state would advance it twice).
 
 A layer shard (a stage of tg_llama/cluster/) runs the same graphs on what the stage before it gave: the first shard takes
 token ids, a later one hidden states (float32 between stages, whatever each one computes in); the last one gives logits and
@@ -63,7 +63,8 @@ class Jit(_TinyJit):
         from tg_llama.cpu import graph
         graph.install(self)
       self.offered = self.captured
-      # the buffers of the runs before the capture, kept by tinygrad for reuse, fit only those runs: the graph has its own
+      # the buffers tinygrad keeps for reuse (of what ran before the capture: loading, uncaptured calls) serve none of the
+      # graph's, which has its own
       free_buffer_cache(tuple({d for t in (*args, *kwargs.values()) if isinstance(t, Tensor) for d in devices_of(t)}))
     return ret
 
