@@ -15,7 +15,8 @@ from tg_llama.backend import KernelLayout
 from tg_llama.cpu import graph as cpu_graph, opts as cpu_opts
 from tg_llama.engine.runner import Jit
 from tg_llama.linear import lanes_matvec
-from tg_llama.models.blocks import decode_attention
+from tg_llama.cpu import tune
+from tg_llama.models.blocks import decode_attention, prefill_attention
 from tg_llama.quantize import Int4Linear
 from tiny_models import PROMPT, hf_model, write_hf
 
@@ -65,6 +66,34 @@ def test_decode_attention_matches_numpy(layout):
     s = q @ k.transpose(0, 1, 3, 2) / np.sqrt(hd)
     p = np.exp(s - s.max(-1, keepdims=True))
     np.testing.assert_allclose(got, (p / p.sum(-1, keepdims=True)) @ v, atol=1e-5, rtol=1e-5)
+
+def attention_numpy(q, k, v, start):
+  """Causal attention of q (B, H, T, hd), its queries at positions start..start+T-1, over k and v (B, KvH, P, hd), each KV
+  head serving H/KvH query heads."""
+  H, T, P = q.shape[1], q.shape[2], k.shape[2]
+  k, v = np.repeat(k, H // k.shape[1], axis=1), np.repeat(v, H // v.shape[1], axis=1)
+  s = q @ k.transpose(0, 1, 3, 2) / np.sqrt(q.shape[-1])
+  s = np.where(np.arange(P)[None, :] > start + np.arange(T)[:, None], -np.inf, s)
+  p = np.exp(s - s.max(-1, keepdims=True))
+  return (p / p.sum(-1, keepdims=True)) @ v
+
+def test_prefill_attention_matches_numpy():
+  cpu_opts.install()
+  B, H, KvH, T, hd, ctx = 1, 6, 2, 32, 64, 128  # a chunk of 32 queries, 3 a KV head: the CPU's rules take these kernels
+  rng = np.random.default_rng(3)
+  cache = Tensor(rng.standard_normal((2, B, KvH, ctx, hd)).astype(np.float32)).realize()
+  v_start = UOp.variable("start_pos", 0, ctx - T)
+  attend = lambda q, start: prefill_attention(q, cache[0, :, :, 0:start + T], cache[1, :, :, 0:start + T]).realize()
+  kernels = tune.record(lambda: attend(Tensor.empty(B, H, T, hd).realize(), v_start.bind(5)))
+  assert {k.kind for k in kernels} == {"prefill scores", "prefill values"}
+  # the weights x values product (its last output axis hd), not the softmax's reductions over the cache length (G*T = 96)
+  assert [k.shape[-2] for k in kernels if k.kind == "prefill values"] == [hd]
+  jit = Jit(attend)
+  for start in (0, 7, 64, 96, 3):
+    q = rng.standard_normal((B, H, T, hd)).astype(np.float32)
+    got = jit(Tensor(q).realize(), v_start.bind(start)).numpy()
+    k, v = cache.numpy()[0, :, :, :start + T], cache.numpy()[1, :, :, :start + T]
+    np.testing.assert_allclose(got, attention_numpy(q, k, v, start), atol=1e-5, rtol=1e-5)
 
 @pytest.mark.parametrize("n_lanes", [None, 1, 16])  # the CPU's layout (64 lanes here), the plain product, and 16 lanes
 def test_one_token_product_matches_numpy(n_lanes):

@@ -40,7 +40,7 @@ from tg_llama.backend import cache_folder
 from tg_llama.cpu import graph, opts
 
 FORMAT = 1
-KINDS = ("matvec", "decode scores", "prefill scores", "batch matvec", "batch matmul", "prefill matmul", "decode values")
+KINDS = ("matvec", "decode scores", "prefill scores", "batch matvec", "batch matmul", "prefill matmul", "decode values", "prefill values")
 OPS = ("THREAD", "UPCAST", "UNROLL")  # the only opts a table may hold: what CANDIDATES try
 FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "asimd", "sve")  # what the kernels' code depends on
 MIN_GAIN = 1.03       # a variant must beat the default by this much to replace it
@@ -205,9 +205,9 @@ def _matvec(shape):  # rows x (K/A) x A: the lane axis unrolled whole, then (K/A
 def _decode_scores(shape):  # ... x positions x (hd/A) x A: the lanes, and (hd/A) unrolled by 2, 4 or whole
   return [[R(1, 0)], [R(1, 0), R(0, 2)], [R(1, 0), R(0, 4)], [R(1, 0), R(0, 0)]]
 
-def _prefill_scores(shape):  # ... x queries x positions x (hd/A) x A: 2-8 queries (the longest known axis) per key row read
-  axis = max((i for i in range(len(shape) - 2) if shape[i] > 0), key=lambda i: shape[i])
-  return [[R(1, 0)], *([U(axis, n), R(1, 0)] for n in (2, 4, 8)), [U(axis, 4), R(1, 0), R(0, 2)]]
+def _prefill_scores(shape):  # ... x queries x hd: 16 or 32 queries a step, hd unrolled by 2-8, or 2 query groups (G) a key row read
+  q = len(shape) - 2
+  return [[U(q, 16), R(0, k)] for k in (4, 8, 2)] + [[U(q, 16), U(q, 2), R(0, 4)], [U(q, 16), U(q - 1, 2), R(0, 4)], [U(q, 16), U(q - 1, 3), R(0, 4)]]
 
 def _batch_matvec(shape):  # batch x rows x (K/A) x A: the batch upcast whole, times 1-8 rows; short or whole lane unrolls
   lanes = ([R(1, 4), R(0, 2)], [R(1, 0)])
@@ -219,23 +219,24 @@ def _batch_matmul(shape):  # batch x rows x K: the batch times 2-8 rows in regis
 def _prefill_matmul(shape):  # panels x tokens x panel rows x K: the panel's rows whole times 2-8 tokens, K unrolled by 2-8
   return [[U(2, shape[2]), U(1, tokens), R(0, k)] for tokens, k in ((4, 4), (8, 4), (2, 4), (4, 2), (4, 8), (8, 2), (2, 8))]
 
-def _decode_values(shape):  # ... x hd, reduced over the positions: the head dimension upcast in 1-4 pieces
+def _decode_values(shape):  # ... x hd, reduced over the positions (a prefill chunk's too): the head dimension upcast in 1-4 pieces
   axis, hd = len(shape) - 2, shape[-2]
   return [[U(axis, n)] + ([U(axis, hd // n)] if hd > n else []) for n in (16, 8, 32, hd)] + [[U(axis, 16)], [U(axis, 8)]]
 
 # each kind's variants (after the default's THREAD), by the kernel's shape
 CANDIDATES: dict[str, Callable[[tuple[int, ...]], list[list[Opt]]]] = {
   "matvec": _matvec, "decode scores": _decode_scores, "prefill scores": _prefill_scores, "batch matvec": _batch_matvec,
-  "batch matmul": _batch_matmul, "prefill matmul": _prefill_matmul, "decode values": _decode_values}
+  "batch matmul": _batch_matmul, "prefill matmul": _prefill_matmul, "decode values": _decode_values, "prefill values": _decode_values}
 
 def candidates(kernel: Kernel) -> list[tuple[Opt, ...]]:
   """The default first, then the kind's variants that apply to the kernel, with the default's thread split, at most
   MAX_UPCAST values in registers, MAX_CANDIDATES in all."""
   thread = [o for o in kernel.default if o.op is OptOps.THREAD]
+  first = kernel.default[:1] == thread[:1]  # the thread split where the default has it: first, or after the upcasts
   out = [tuple(kernel.default)]
   for variant in CANDIDATES[kernel.kind](kernel.shape):
     if len(out) == MAX_CANDIDATES: break
-    if (choice := tuple(thread + variant)) not in out and (k := opts.applied(kernel.k, choice)) is not None and upcast(k) <= MAX_UPCAST:
+    if (choice := tuple(thread + variant if first else variant + thread)) not in out and (k := opts.applied(kernel.k, choice)) is not None and upcast(k) <= MAX_UPCAST:
       out.append(choice)
   return out
 
