@@ -210,7 +210,7 @@ def _prefill_scores(shape):  # ... x queries x hd: 16 or 32 queries a step, hd u
   return [[U(q, 16), R(0, k)] for k in (4, 8, 2)] + [[U(q, 16), U(q, 2), R(0, 4)], [U(q, 16), U(q - 1, 2), R(0, 4)], [U(q, 16), U(q - 1, 3), R(0, 4)]]
 
 def _batch_matvec(shape):  # batch x rows x (K/A) x A: the batch upcast whole, times 1-8 rows; short or whole lane unrolls
-  lanes = ([R(1, 4), R(0, 2)], [R(1, 0)])
+  lanes = ([R(1, 4), R(0, 2)], [R(1, 0)], [R(1, 4), R(0, 3)])  # (K/A) by 3: Q8_0 49152x576, 8 rows, 10.5 -> 7.5 ms
   return [([U(1, r)] if r > 1 else []) + [U(0, shape[0])] + lane for r in (1, 2, 4, 8) for lane in lanes]
 
 def _batch_matmul(shape):  # batch x rows x K: the batch times 2-8 rows in registers, K unrolled by 4 or 8
