@@ -158,6 +158,21 @@ def test_a_prefill_chunks_product_reads_its_weight_in_panels_under_the_prefill_t
   assert (kernel.kind, kernel.shape) == ("prefill matmul", (6, 64, 16, 128))
   np.testing.assert_allclose(matmul(x, w).numpy(), xs @ ws.T, atol=1e-4, rtol=1e-5)
 
+def test_a_q4_weight_is_decoded_into_panels_under_the_pack_rule():
+  # a Q4 layer's prefill product: its blocks decoded into the chunk's panels (the "panel pack" kernel, the panel's rows one
+  # vector), then the "prefill matmul"; the same numbers as numpy's dequantized x @ w.T
+  from tg_llama.quantize import Int4Linear
+  rng = np.random.default_rng(0)
+  layer = Int4Linear(128, 96)
+  for name, t in Int4Linear.quantize(Tensor(rng.standard_normal((96, 128)).astype(np.float32))).items(): setattr(layer, name, t.contiguous().realize())
+  xs = rng.standard_normal((1, 64, 128)).astype(np.float32)
+  x = Tensor(xs).realize()
+  kernels = tune.record(lambda: layer(x).realize())
+  assert [(k.kind, k.shape) for k in kernels] == [("panel pack", (6, 4, 2, 16, 16)), ("prefill matmul", (6, 64, 16, 128))]
+  lo, hi = layer.weight.numpy() & 15, layer.weight.numpy() >> 4
+  dequant = (np.concatenate([lo, hi], -1) * layer.scale.numpy()[..., None] + layer.min.numpy()[..., None]).reshape(96, 128)
+  np.testing.assert_allclose(layer(x).numpy(), xs @ dequant.T, atol=1e-4, rtol=1e-5)
+
 def test_a_tuned_choice_against_another_default_is_not_used(monkeypatch):
   # the rule's default changed since the table was made (a new tg-llama): its choice was measured against something else
   from tg_llama.linear import lanes_matvec

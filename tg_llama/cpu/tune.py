@@ -40,7 +40,7 @@ from tg_llama.backend import cache_folder
 from tg_llama.cpu import graph, opts
 
 FORMAT = 1
-KINDS = ("matvec", "decode scores", "prefill scores", "batch matvec", "batch matmul", "prefill matmul", "decode values", "prefill values")
+KINDS = ("matvec", "decode scores", "prefill scores", "batch matvec", "batch matmul", "prefill matmul", "decode values", "prefill values", "panel pack")
 OPS = ("THREAD", "UPCAST", "UNROLL")  # the only opts a table may hold: what CANDIDATES try
 FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "asimd", "sve")  # what the kernels' code depends on
 MIN_GAIN = 1.03       # a variant must beat the default by this much to replace it
@@ -219,6 +219,9 @@ def _batch_matmul(shape):  # batch x rows x K: the batch times 2-8 rows in regis
 def _prefill_matmul(shape):  # panels x tokens x panel rows x K: the panel's rows whole times 2-8 tokens, K unrolled by 2-8
   return [[U(2, shape[2]), U(1, tokens), R(0, k)] for tokens, k in ((4, 4), (8, 4), (2, 4), (4, 2), (4, 8), (8, 2), (2, 8))]
 
+def _panel_pack(shape):  # panels x blocks x 2 x bytes x panel rows: the rows one vector, or in 4s or 8s, with 2-4 bytes of a block
+  return [[U(4, 16)], [U(4, 16), U(3, 2)], [U(4, 8)], [U(4, 4), U(3, 4)], [U(3, 4), U(4, 4)], [U(4, 8), U(3, 2)]]
+
 def _decode_values(shape):  # ... x hd, reduced over the positions (a prefill chunk's too): the head dimension upcast in 1-4 pieces
   axis, hd = len(shape) - 2, shape[-2]
   return [[U(axis, n)] + ([U(axis, hd // n)] if hd > n else []) for n in (16, 8, 32, hd)] + [[U(axis, 16)], [U(axis, 8)]]
@@ -226,7 +229,8 @@ def _decode_values(shape):  # ... x hd, reduced over the positions (a prefill ch
 # each kind's variants (after the default's THREAD), by the kernel's shape
 CANDIDATES: dict[str, Callable[[tuple[int, ...]], list[list[Opt]]]] = {
   "matvec": _matvec, "decode scores": _decode_scores, "prefill scores": _prefill_scores, "batch matvec": _batch_matvec,
-  "batch matmul": _batch_matmul, "prefill matmul": _prefill_matmul, "decode values": _decode_values, "prefill values": _decode_values}
+  "batch matmul": _batch_matmul, "prefill matmul": _prefill_matmul, "decode values": _decode_values, "prefill values": _decode_values,
+  "panel pack": _panel_pack}
 
 def candidates(kernel: Kernel) -> list[tuple[Opt, ...]]:
   """The default first, then the kind's variants that apply to the kernel, with the default's thread split, at most
