@@ -118,10 +118,11 @@ def rule(k) -> tuple[str, list[Opt]] | None:
     return "prefill scores", ([Opt(OptOps.THREAD, last, threads)] if threads > 1 else []) + [Opt(OptOps.UPCAST, last, 16), Opt(OptOps.UNROLL, 0, 4)]
   # attention's weights x values, a reduction over the cache length: the head dimension (last output axis) upcast whole, so
   # that each position updates independent vector accumulators instead of one chain per output (a prefill chunk's: 3.7 ->
-  # 0.9 ms on one core, 64 queries x 256 positions). The weights do not vary along it (which tells this product from the
-  # softmax's own reductions over the cache length, whose last axis is the queries)
+  # 0.9 ms on one core, 64 queries x 256 positions). The weights do not vary along it, and queries or heads come before it
+  # (which tells this product from the softmax's own reductions over the cache length, whose last axis is the queries:
+  # with one KV head, (G*T, P) alone; upcast whole, 128 values, tinygrad's compile worker died pickling the kernel)
   hd = shape[last]
-  if reduce == [len(shape) - 1] and not known[-1] and known[last] and hd % 16 == 0 and hd <= 256 and _broadcast(k, last):
+  if reduce == [len(shape) - 1] and not known[-1] and len(outs) >= 2 and known[last] and hd % 16 == 0 and hd <= 128 and _broadcast(k, last):
     axis = thread_axis(outs[:-1])  # heads (or queries) over cores, after the upcasts (a head axis of 2 on 2 cores leaves
     # none behind, which would renumber the head dimension's)
     return ("decode values" if _is_decode_length(shape[-1]) else "prefill values"), \
