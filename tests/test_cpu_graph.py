@@ -12,10 +12,9 @@ from tinygrad.helpers import NUM_CPU_THREADS
 import tg_llama
 from tg_llama import cpu
 from tg_llama.backend import KernelLayout
-from tg_llama.cpu import graph as cpu_graph, opts as cpu_opts
+from tg_llama.cpu import graph as cpu_graph, opts as cpu_opts, tune
 from tg_llama.engine.runner import Jit
 from tg_llama.linear import lanes_matvec
-from tg_llama.cpu import tune
 from tg_llama.models.blocks import decode_attention, prefill_attention
 from tg_llama.quantize import Int4Linear
 from tiny_models import PROMPT, hf_model, write_hf

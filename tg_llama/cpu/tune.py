@@ -222,14 +222,14 @@ def _prefill_matmul(shape):  # panels x tokens x panel rows x K: the panel's row
 def _panel_pack(shape):  # panels x blocks x 2 x bytes x panel rows: the rows one vector, or in 4s or 8s, with 2-4 bytes of a block
   return [[U(4, 16)], [U(4, 16), U(3, 2)], [U(4, 8)], [U(4, 4), U(3, 4)], [U(3, 4), U(4, 4)], [U(4, 8), U(3, 2)]]
 
-def _decode_values(shape):  # ... x hd, reduced over the positions (a prefill chunk's too): the head dimension upcast in 1-4 pieces
+def _values(shape):  # ... x hd, reduced over the positions (decode's and a prefill chunk's): the head dimension upcast in 1-4 pieces
   axis, hd = len(shape) - 2, shape[-2]
   return [[U(axis, n)] + ([U(axis, hd // n)] if hd > n else []) for n in (16, 8, 32, hd)] + [[U(axis, 16)], [U(axis, 8)]]
 
 # each kind's variants (after the default's THREAD), by the kernel's shape
 CANDIDATES: dict[str, Callable[[tuple[int, ...]], list[list[Opt]]]] = {
   "matvec": _matvec, "decode scores": _decode_scores, "prefill scores": _prefill_scores, "batch matvec": _batch_matvec,
-  "batch matmul": _batch_matmul, "prefill matmul": _prefill_matmul, "decode values": _decode_values, "prefill values": _decode_values,
+  "batch matmul": _batch_matmul, "prefill matmul": _prefill_matmul, "decode values": _values, "prefill values": _values,
   "panel pack": _panel_pack}
 
 def candidates(kernel: Kernel) -> list[tuple[Opt, ...]]:
