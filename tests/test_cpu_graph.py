@@ -3,7 +3,7 @@ layout (tg_llama/cpu/__init__.py's LAYOUT): replaying from C on several threads 
 graphs it cannot take fall back to tinygrad's, and the one-token products and decode attention it tunes compute the
 right numbers in the CPU's layout and in the plain one (checked against numpy, an independent implementation)."""
 from __future__ import annotations
-import pickle
+import os, pickle
 import numpy as np
 import pytest
 from tinygrad import Tensor, UOp
@@ -41,6 +41,26 @@ def test_replay_from_c_equals_tinygrads(tiny_path, monkeypatch):
 def test_threaded_jit_pickles_as_tinygrads(tiny_path, monkeypatch):
   captured = run(tiny_path, monkeypatch, graph=True)[2]
   assert type(pickle.loads(pickle.dumps(captured))) is CapturedJit  # graph files hold nothing of ours
+
+IDLE = """
+import sys, time, tg_llama
+from tg_llama.cpu import graph
+model = tg_llama.load(sys.argv[1], max_context=64, graph_cache=False)
+for _ in range(2): list(model.generate([1, 2, 3], 8))  # the graph replayed by the runner's threads
+assert graph.runner_available()
+time.sleep(1.0)  # the threads spin a little after a replay and nap a while, then sleep
+start = time.process_time()
+time.sleep(1.0)
+print(time.process_time() - start)
+"""
+
+@pytest.mark.skipif(NUM_CPU_THREADS.value < 2, reason="threads need two cores")
+def test_an_idle_process_takes_no_core(tiny_path):
+  # a chat waiting for its user, a server between requests: the runner's threads must not keep waking up
+  import subprocess, sys
+  out = subprocess.run([sys.executable, "-c", IDLE, str(tiny_path)], capture_output=True, text=True, timeout=300, env={**os.environ, "TG_LLAMA_CPU_GRAPH": "1"})
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert float(out.stdout.split()[-1]) < 0.02  # CPU seconds in a second of idling
 
 def test_graph_over_two_devices_falls_back():
   w = Tensor.randn(8, 16).shard(("CPU:0", "CPU:1"), axis=0).realize()

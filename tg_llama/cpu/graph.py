@@ -40,6 +40,7 @@ RUNNER_C = r"""
 #include <immintrin.h>
 #define MAX_ARGS %(max_args)d
 #define WORDS %(words)d
+#define MAX_NAPS 2000  // of 50 us: about 0.1-0.2 s
 typedef void (*kernel_fn)(%(arg_types)s);
 
 static int n_threads = 1;
@@ -85,16 +86,18 @@ static void *worker(void *arg) {
   int tid = (int)(intptr_t)arg, sense = 0;
   int64_t seen = 0;
   for (;;) {
-    // spin for a few milliseconds after each replay (the next token's comes soon), then sleep in short naps
+    // spin for a few milliseconds after each replay (the next token's comes soon), nap for a while in short naps, then
+    // sleep until the next job: an idle process (a chat waiting for its user, a server between requests) takes no core
+    long naps = 0;
     for (long spins = 0; __atomic_load_n(&job_gen, __ATOMIC_ACQUIRE) == seen; spins++) {
       if (spins < spin_after) _mm_pause();
-      else if (spin_after == 0) {  // asleep until tg_run posts a job: no core taken while another process computes
+      else if (spin_after == 0 || naps >= MAX_NAPS) {  // asleep until tg_run posts a job
         pthread_mutex_lock(&job_mu);
         __atomic_add_fetch(&sleepers, 1, __ATOMIC_SEQ_CST);
         while (__atomic_load_n(&job_gen, __ATOMIC_SEQ_CST) == seen) pthread_cond_wait(&job_cv, &job_mu);
         __atomic_sub_fetch(&sleepers, 1, __ATOMIC_SEQ_CST);
         pthread_mutex_unlock(&job_mu);
-      } else { struct timespec ts = {0, 50000}; nanosleep(&ts, 0); }
+      } else { struct timespec ts = {0, 50000}; nanosleep(&ts, 0); naps++; }
     }
     seen++;
     run_part(tid, &sense);
