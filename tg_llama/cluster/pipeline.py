@@ -29,12 +29,22 @@ from tg_llama.cluster.plan import StagePlan
 class StageError(TgLlamaError): pass
 
 class RemoteLogits:
-  """A step's logits, on the last stage: (bucket, vocab) as a local runner's would be; numpy() fetches them. `redo` runs
-the step again; `slot_starts`: where the step writes in each slot (a recovery refills the slots up to there)."""
-  def __init__(self, pipeline: PipelineRunner, rows: int, ref, redo: Callable, slot_starts: dict[int, int]):
-    self.pipeline, self.shape, self.ref, self.redo, self.slot_starts = pipeline, (rows, pipeline.config.vocab_size), ref, redo, slot_starts
+  """A step's logits, on the last stage: (bucket, vocab) as a local runner's would be. The last stage's part of the step
+  waits for what reads them: sample() sends it with the sampling as one call, numpy() runs it apart and fetches them.
+  `x`: the last stage's input (the previous stage's hidden states, a ref); `last`: ("rows", rows) or ("chunk", slot,
+  start); `after`: refs of the step's earlier calls on the last stage (a long prompt's chunks), whose errors are this
+  step's. `redo` runs the step again; `slot_starts`: where the step writes in each slot (a recovery refills up to there)."""
+  def __init__(self, pipeline: PipelineRunner, rows: int, x, last: tuple, after: list, redo: Callable, slot_starts: dict[int, int]):
+    self.pipeline, self.shape, self.redo, self.slot_starts = pipeline, (rows, pipeline.config.vocab_size), redo, slot_starts
+    self.x, self.last, self.after, self.ran = x, last, after, None  # ran: the last stage's call, once sent
 
-  def numpy(self) -> np.ndarray: return self.pipeline._call(lambda: self.pipeline._get(self.pipeline.stages[-1].host_logits.remote(self.ref)), self)
+  def run_last(self):
+    if self.ran is None:
+      last = self.pipeline.stages[-1]
+      self.ran = last.rows.remote(self.last[1], self.x, *self.after) if self.last[0] == "rows" else last.chunk.remote(self.last[1], self.x, self.last[2], *self.after)
+    return self.ran
+
+  def numpy(self) -> np.ndarray: return self.pipeline._call(lambda: self.pipeline._get(self.pipeline.stages[-1].host_logits.remote(self.run_last())), self)
 
 class RemoteSampler:
   """The last stage's sampler, as the engine resets it; what it was told is kept, to tell a restarted last stage again."""
@@ -77,7 +87,12 @@ class PipelineRunner:
   # *** what the engine calls ***
 
   def prefill(self, slot: int, tokens: Sequence[int], start: int) -> RemoteLogits:
-    run = lambda: RemoteLogits(self, 1, self._prefill(slot, list(tokens), start), run, {slot: start})
+    tokens = list(tokens)
+    last = (len(tokens) - 1) // self.prefill_chunk * self.prefill_chunk  # where the last chunk starts
+    def run():
+      after = [self._chunks(slot, tokens[:last], start)] if last else []
+      x = self._through(self.stages[:-1], slot, tokens[last:], start + last)
+      return RemoteLogits(self, 1, x, ("chunk", slot, start + last), after, run, {slot: start})
     return self._call(run, slot_starts={slot: start})
 
   def decode(self, rows: Sequence[tuple[int, int, int]]) -> RemoteLogits:
@@ -86,23 +101,31 @@ class PipelineRunner:
     for s, p, _ in rows: starts[s] = min(p, starts.get(s, p))
     def run():
       x = np.array([[t] for _, _, t in rows], dtype=np.int32)
-      for stage in self.stages: x = stage.rows.remote([(s, p) for s, p, _ in rows], x)
-      # not waited for: sample() takes the step's ref, so a step costs one round trip; a step that failed fails sample()
-      # too, whose recovery runs the step again
-      return RemoteLogits(self, self.bucket(len(rows)), x, run, starts)
+      for stage in self.stages[:-1]: x = stage.rows.remote([(s, p) for s, p, _ in rows], x)
+      # not waited for: the last stage runs the step with its sampling, so a step costs one call per stage; a step that
+      # failed fails sample() too, whose recovery runs the step again
+      return RemoteLogits(self, self.bucket(len(rows)), x, ("rows", [(s, p) for s, p, _ in rows]), [], run, starts)
     return self._call(run, slot_starts=starts)
 
   def sample(self, logits: RemoteLogits, slots: Sequence[int | None], greedy_only: bool, mask: np.ndarray | None = None) -> np.ndarray:
-    return self._call(lambda: self._get(self.stages[-1].sample.remote(list(slots), greedy_only, mask, logits.ref)), logits)
+    def run():
+      last = self.stages[-1]
+      if logits.ran is not None: return self._get(last.sample.remote(list(slots), greedy_only, mask, (), None, logits.ran))
+      logits.ran = last.sample.remote(list(slots), greedy_only, mask, logits.last, logits.x, *logits.after)
+      return self._get(logits.ran)
+    return self._call(run, logits)
 
   # *** stages ***
 
-  def _prefill(self, slot: int, tokens: list[int], start: int):
+  def _chunks(self, slot: int, tokens: list[int], start: int):
+    """A prompt's chunks through every stage; the last stage's ref of the last chunk (its logits kept there)."""
     x = None
-    for pos in range(0, len(tokens), self.prefill_chunk):
-      x = np.array(tokens[pos:pos + self.prefill_chunk], dtype=np.int32)
-      for stage in self.stages: x = stage.chunk.remote(slot, x, start + pos)
-    self._get(x)
+    for pos in range(0, len(tokens), self.prefill_chunk): x = self._through(self.stages, slot, tokens[pos:pos + self.prefill_chunk], start + pos)
+    return x
+
+  def _through(self, stages: list, slot: int, tokens: list[int], start: int):
+    x = np.array(tokens, dtype=np.int32)
+    for stage in stages: x = stage.chunk.remote(slot, x, start)
     return x
 
   def _get(self, ref, timeout: float | None = None):
@@ -117,7 +140,9 @@ class PipelineRunner:
       try:
         if attempt:
           self._recover(logits.slot_starts if logits is not None else slot_starts or {})
-          if logits is not None: logits.ref = logits.redo().ref
+          if logits is not None:
+            again = logits.redo()
+            logits.x, logits.after, logits.ran = again.x, again.after, None
         return run()
       except Exception as e:
         if not self._stage_lost(e): raise self._error(e) from None
@@ -155,7 +180,7 @@ class PipelineRunner:
     self.recoveries += 1
     for slot in self.cache.slots:
       if not slot.busy: slot.tokens = []  # its prefix is gone from the restarted stage: never reused
-      elif tokens := slot.tokens[:slot_starts.get(slot.index, len(slot.tokens))]: self._prefill(slot.index, tokens, 0)
+      elif tokens := slot.tokens[:slot_starts.get(slot.index, len(slot.tokens))]: self._get(self._chunks(slot.index, tokens, 0))
     if len(self.stages) - 1 in restarted:
       busy = [s for s in self.cache.slots if s.busy and s.index in self.sampler.params]
       if busy: self.sampler.reset([self.sampler.params[s.index] for s in busy], [s.tokens for s in busy], [s.index for s in busy])

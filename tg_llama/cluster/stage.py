@@ -68,9 +68,12 @@ class Stage:
       return None
     return np.ascontiguousarray(rows(read(out)))
 
-  def sample(self, slots: list[int | None], greedy_only: bool, mask: np.ndarray | None, *after) -> np.ndarray:
-    """Token ids from the latest logits (runner.sample). `after`: the last stage's output refs of the step, so that a
-    failed step fails this call too instead of sampling old logits."""
+  def sample(self, slots: list[int | None], greedy_only: bool, mask: np.ndarray | None, step: tuple = (), x=None, *after) -> np.ndarray:
+    """Token ids from the latest logits (runner.sample); with `step` (("rows", rows) or ("chunk", slot, start)) and its
+    input `x`, from that step's logits, run first: a step and its sampling in one call, a hop less a token. `after`: the
+    ref of the step that made the logits when it ran apart, so that a failed step fails this call too."""
+    if step and step[0] == "rows": self.rows(step[1], x)
+    elif step: self.chunk(step[1], x, step[2])
     tokens = self.runner.sample(self.logits, slots, greedy_only, mask)
     if self.graphs is not None: self.graphs.save_new()
     return tokens
