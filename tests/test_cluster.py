@@ -75,6 +75,21 @@ def test_two_and_three_stages_on_different_nodes_equal_transformers(cluster, tin
     assert [t for t in model.generate(PROMPT[:5], 12)] == reference_greedy(ref_model, PROMPT[:5], 12)  # prefix reused
     for actor in model.runner.stages: ray.kill(actor)
 
+def test_requests_in_flight_on_every_stage_at_once(cluster, tiny):
+  # the engine sends each stage a step of its own (pipeline parallelism): 4 requests in 2 groups, each group's next step
+  # sent as soon as its tokens are back, so stage 1 runs one group while stage 2 runs the other
+  ref_model, path = tiny
+  model = load(path, stages=2, nodes=["node-a", "node-b"], max_context=64, slots=4)
+  prompts = [PROMPT, PROMPT[:5], PROMPT[2:9], (PROMPT * 3)[:38]]  # the last in prefill chunks (tg_llama/engine/engine.py)
+  handles = [model.engine.submit(tg_llama.engine.engine.Request(tuple(p), 24)) for p in prompts]
+  assert [[o.token for o in h] for h in handles] == [reference_greedy(ref_model, p, 24) for p in prompts]
+  whole = (PROMPT[::-1] * 3)[:32]  # a step of one whole chunk and no rows
+  assert list(model.generate(whole, 8)) == reference_greedy(ref_model, whole, 8)
+  first, last = (info["spans"] for info in model.runner.stage_infos())
+  overlaps = sum(a0 < b1 and b0 < a1 for a0, a1 in first for b0, b1 in last)
+  assert overlaps >= 10, f"the stages computed at the same time {overlaps} times in {len(first)} steps"
+  for actor in model.runner.stages: ray.kill(actor)
+
 def test_mixed_backends_cpu_and_opencl(cluster, tiny):
   ref_model, path = tiny
   model = load(path, stages=2, nodes=["node-a", "node-b"], backends=["cpu", "opencl"], max_context=64)

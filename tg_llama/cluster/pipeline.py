@@ -4,8 +4,13 @@ The engine (tg_llama/engine/engine.py) drives a PipelineRunner as it drives a Mo
 the slots' bookkeeping (which tokens each KV cache slot holds) stay in the driver; each stage (tg_llama/cluster/stage.py)
 holds its layers' keys and values for every slot. A step's inputs go to the first stage, each stage's hidden states go to
 the next as a Ray object (the driver never waits between stages: Ray passes a call's result to the call that takes it),
-and the last stage keeps the logits and samples, so one step costs the stages' compute plus a hop per stage and one for
-the sampled tokens (the sampling call is sent with the step, not after it).
+and the last stage runs the step and samples from its logits in one call, when the engine samples: one step costs the
+stages' compute plus one call per stage.
+
+Several steps are in flight at once: the engine (its `depth`, the number of stages) splits the running sequences into
+as many groups and sends a group's next step as soon as its tokens are back, so that stage 1 runs one group while stage 2
+runs another (pipeline parallelism). Each stage runs the calls in the order the driver sent them (Ray's order for one
+caller), and the last stage's part of each step is sent in the order the steps were made.
 
 Faults: a stage actor is restarted by Ray (`max_restarts`) and loads its shard again. The driver sees the step fail,
 waits for every stage to answer, and when one came back as a new process (its KV cache empty) runs every busy slot's
@@ -13,10 +18,9 @@ tokens through the pipeline again, restores the last stage's sampling state, and
 finishes with the tokens it would have had. A stage that does not answer within `restart_timeout` seconds, or that Ray
 will not restart, fails the step with an error naming it; the engine fails the step's requests with it.
 
-Not here: several steps in flight at once (while stage 2 runs a batch, stage 1 idles: a batch's rows are one micro-batch),
-moving a stage to another node when its node is gone (Ray restarts it where the plan put it)."""
+Not here: moving a stage to another node when its node is gone (Ray restarts it where the plan put it)."""
 from __future__ import annotations
-import time
+import collections, itertools, time
 from typing import Callable, Sequence
 import numpy as np
 from tinygrad import dtypes
@@ -30,18 +34,27 @@ class StageError(TgLlamaError): pass
 
 class RemoteLogits:
   """A step's logits, on the last stage: (bucket, vocab) as a local runner's would be. The last stage's part of the step
-  waits for what reads them: sample() sends it with the sampling as one call, numpy() runs it apart and fetches them.
+  waits for what reads them: sample() sends it with the sampling as one call, numpy() runs it apart and fetches them;
+  a step nobody reads (a prompt's rows that end no prompt) is sent before the next step's last part, in order.
   `x`: the last stage's input (the previous stage's hidden states, a ref); `last`: ("rows", rows) or ("chunk", slot,
   start); `after`: refs of the step's earlier calls on the last stage (a long prompt's chunks), whose errors are this
   step's. `redo` runs the step again; `slot_starts`: where the step writes in each slot (a recovery refills up to there)."""
   def __init__(self, pipeline: PipelineRunner, rows: int, x, last: tuple, after: list, redo: Callable, slot_starts: dict[int, int]):
     self.pipeline, self.shape, self.redo, self.slot_starts = pipeline, (rows, pipeline.config.vocab_size), redo, slot_starts
     self.x, self.last, self.after, self.ran = x, last, after, None  # ran: the last stage's call, once sent
+    self.order = next(pipeline.steps)
 
-  def run_last(self):
+  def run_last(self, send: Callable | None = None):
+    """Send the last stage's part of the step (`send`: a call that runs it, else one that only runs it), after the parts
+    of the steps before it that are still unsent: the last stage runs every step in the order the engine made them."""
     if self.ran is None:
+      unsent = self.pipeline.unsent
+      while unsent and unsent[0].order < self.order: unsent.popleft().run_last()
+      if unsent and unsent[0] is self: unsent.popleft()
       last = self.pipeline.stages[-1]
-      self.ran = last.rows.remote(self.last[1], self.x, *self.after) if self.last[0] == "rows" else last.chunk.remote(self.last[1], self.x, self.last[2], *self.after)
+      if send is not None: self.ran = send()
+      elif self.last[0] == "rows": self.ran = last.rows.remote(self.last[1], self.x, *self.after)
+      else: self.ran = last.chunk.remote(self.last[1], self.x, self.last[2], *self.after)
     return self.ran
 
   def numpy(self) -> np.ndarray: return self.pipeline._call(lambda: self.pipeline._get(self.pipeline.stages[-1].host_logits.remote(self.run_last())), self)
@@ -69,6 +82,9 @@ class PipelineRunner:
     self.infos = infos
     self.device = " -> ".join(f"{info['device']} [{p.layers}]" for p, info in zip(plan, infos))
     self.recoveries = 0
+    self.depth = len(stages)  # steps in flight that keep every stage busy (the engine sends that many groups)
+    self.unsent: collections.deque[RemoteLogits] = collections.deque()  # steps whose last part waits for a reader
+    self.steps = itertools.count()
 
   @property
   def slots(self) -> int: return len(self.cache.slots)
@@ -92,7 +108,7 @@ class PipelineRunner:
     def run():
       after = [self._chunks(slot, tokens[:last], start)] if last else []
       x = self._through(self.stages[:-1], slot, tokens[last:], start + last)
-      return RemoteLogits(self, 1, x, ("chunk", slot, start + last), after, run, {slot: start})
+      return self._unsent(RemoteLogits(self, 1, x, ("chunk", slot, start + last), after, run, {slot: start}))
     return self._call(run, slot_starts={slot: start})
 
   def decode(self, rows: Sequence[tuple[int, int, int]]) -> RemoteLogits:
@@ -104,18 +120,21 @@ class PipelineRunner:
       for stage in self.stages[:-1]: x = stage.rows.remote([(s, p) for s, p, _ in rows], x)
       # not waited for: the last stage runs the step with its sampling, so a step costs one call per stage; a step that
       # failed fails sample() too, whose recovery runs the step again
-      return RemoteLogits(self, self.bucket(len(rows)), x, ("rows", [(s, p) for s, p, _ in rows]), [], run, starts)
+      return self._unsent(RemoteLogits(self, self.bucket(len(rows)), x, ("rows", [(s, p) for s, p, _ in rows]), [], run, starts))
     return self._call(run, slot_starts=starts)
 
   def sample(self, logits: RemoteLogits, slots: Sequence[int | None], greedy_only: bool, mask: np.ndarray | None = None) -> np.ndarray:
     def run():
       last = self.stages[-1]
       if logits.ran is not None: return self._get(last.sample.remote(list(slots), greedy_only, mask, (), None, logits.ran))
-      logits.ran = last.sample.remote(list(slots), greedy_only, mask, logits.last, logits.x, *logits.after)
-      return self._get(logits.ran)
+      return self._get(logits.run_last(lambda: last.sample.remote(list(slots), greedy_only, mask, logits.last, logits.x, *logits.after)))
     return self._call(run, logits)
 
   # *** stages ***
+
+  def _unsent(self, logits: RemoteLogits) -> RemoteLogits:
+    self.unsent.append(logits)
+    return logits
 
   def _chunks(self, slot: int, tokens: list[int], start: int):
     """A prompt's chunks through every stage; the last stage's ref of the last chunk (its logits kept there)."""
@@ -142,7 +161,8 @@ class PipelineRunner:
           self._recover(logits.slot_starts if logits is not None else slot_starts or {})
           if logits is not None:
             again = logits.redo()
-            logits.x, logits.after, logits.ran = again.x, again.after, None
+            self.unsent.remove(again)
+            logits.x, logits.after, logits.ran, logits.order = again.x, again.after, None, again.order
         return run()
       except Exception as e:
         if not self._stage_lost(e): raise self._error(e) from None
@@ -178,6 +198,7 @@ class PipelineRunner:
     self.infos = infos
     if not restarted: return
     self.recoveries += 1
+    self.unsent.clear()  # what they wrote is in the slots' tokens, filled again below; their inputs may be gone with the stage
     for slot in self.cache.slots:
       if not slot.busy: slot.tokens = []  # its prefix is gone from the restarted stage: never reused
       elif tokens := slot.tokens[:slot_starts.get(slot.index, len(slot.tokens))]: self._get(self._chunks(slot.index, tokens, 0))

@@ -6,7 +6,7 @@ The driver (tg_llama/cluster/pipeline.py) calls it with numpy arrays: token ids 
 Ray runs one actor's calls in the order a caller made them, so a stage needs no locks and no step numbers: its latest
 logits are those of the step the driver samples next."""
 from __future__ import annotations
-import atexit, multiprocessing.util, os, time
+import atexit, collections, multiprocessing.util, os, time
 import numpy as np
 from tinygrad import Device
 from tg_llama.engine.runner import ModelRunner, read
@@ -37,6 +37,7 @@ class Stage:
     if self.graphs is not None: self.graphs.load()
     self.logits = None
     self.busy_s, self.steps = 0.0, 0  # time inside rows(): the bench's stage compute, next to the pipeline's per-token time
+    self.spans: collections.deque[tuple[float, float]] = collections.deque(maxlen=512)  # the latest steps' (start, end), monotonic
     # a new value each time the actor starts: the driver tells a restarted stage (its KV cache empty) by it
     self.incarnation = os.urandom(8).hex()
     self.load_s = time.perf_counter() - started
@@ -46,7 +47,7 @@ class Stage:
     return {"incarnation": self.incarnation, "pid": os.getpid(), "node": ray.get_runtime_context().get_node_id(),
             "device": self.backend.device, "dtype": self.dtype.name, "layers": (self.llama.start_layer, self.llama.end_layer),
             "quantize": self.quantization["mode"], "load_s": self.load_s, "graphs_loaded": list(self.graphs.loaded) if self.graphs else [],
-            "busy_s": self.busy_s, "steps": self.steps}
+            "busy_s": self.busy_s, "steps": self.steps, "spans": list(self.spans)}
 
   def chunk(self, slot: int, x: np.ndarray, start: int) -> np.ndarray | None:
     """A prefill chunk (tg_llama/engine/runner.py's run_chunk): the hidden states of its n tokens (n, dim) for the next
@@ -55,10 +56,12 @@ class Stage:
 
   def rows(self, rows: list[tuple[int, int]], x: np.ndarray) -> np.ndarray | None:
     """A step of rows (run_rows): their hidden states (n, 1, dim) for the next stage, or None on the last stage."""
-    start = time.perf_counter()
+    start = time.monotonic()
     out = self._out(self.runner.run_rows(rows, x), lambda h: h[:len(rows)])
     if self.llama.is_last: Device[self.backend.device].synchronize()  # a GPU's graph may still run: its time is the stage's
-    self.busy_s, self.steps = self.busy_s + time.perf_counter() - start, self.steps + 1
+    end = time.monotonic()
+    self.busy_s, self.steps = self.busy_s + end - start, self.steps + 1
+    self.spans.append((start, end))
     return out
 
   def _out(self, out, rows):

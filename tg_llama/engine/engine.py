@@ -5,7 +5,8 @@ chunk at a time), generating, or finished. Every step rebuilds the batch from th
 prompt, then one batched step of rows: a row for every generating sequence, and up to a bucket of rows of prompts whose
 rest is short (a chat's next turn, a chunk's remainder), so that they cost their own tokens, not a padded chunk. A
 request joins and leaves between steps. A new request takes the free slot that holds the longest prefix of its prompt,
-and prefills only the rest.
+and prefills only the rest. On a pipeline of stages (tg_llama/cluster/), the running sequences go in a group per stage,
+each group's next step sent as soon as its tokens are back: every stage computes a step of its own.
 
 Requests come from any thread (`submit`); the model runs in one thread only: a loop thread (`start`, for a server),
 or the thread that iterates a handle when there is no loop (the Python API, the terminal chat). Results go back a
@@ -14,7 +15,7 @@ token at a time through each request's queue, or a callback.
 Not here: HTTP and text (tg_llama/serve/), the model's kernels (tg_llama/engine/runner.py), preemption (a request keeps
 its slot until it finishes or is cancelled)."""
 from __future__ import annotations
-import itertools, queue, threading
+import collections, itertools, math, queue, threading
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 import numpy as np
@@ -56,6 +57,7 @@ class Sequence:
   matcher: Matcher | None = None           # the request's constraint, advanced with each token generated
   cancelled: bool = False
   done: bool = False
+  in_flight: int = 0                       # steps sent to the model whose tokens have not come back yet (a pipeline's)
 
 class Handle:
   """A submitted request: iterate it for its outputs (the last one has a finish_reason); cancel() ends it at the next step."""
@@ -105,6 +107,10 @@ class Engine:
     self._closing = False
     self.prefilled_tokens = 0            # prompt tokens run through the model (prefix reuse skips the rest)
     self.graphs: GraphCache | None = None  # captured graphs on disk: loaded before the first step, saved once captured
+    # a pipeline of stages (tg_llama/cluster/) keeps each busy with a step of its own: the running sequences go in that
+    # many groups, a group's next step sent as soon as its tokens are back; one process runs a step at a time
+    self.depth = runner.depth
+    self.in_flight: collections.deque[tuple[list, list, object]] = collections.deque()  # sent steps, oldest first
 
   @property
   def threaded(self) -> bool: return self._thread is not None
@@ -144,9 +150,9 @@ class Engine:
         seq.slot, seq.prefilled = got
         seq.cached = seq.prefilled
         self.running.append(seq)
-      prefilling = [s for s in self.running if s.prefilled < len(s.request.prompt)]
-      generating = [s for s in self.running if s.prefilled == len(s.request.prompt) and s.generated]
-    if not prefilling and not generating: return False
+      prefilling = [s for s in self.running if s.prefilled < len(s.request.prompt) and not s.in_flight]
+      generating = [s for s in self.running if s.prefilled == len(s.request.prompt) and s.generated and not s.in_flight]
+    if not prefilling and not generating and not self.in_flight: return False
     chunked = next((s for s in prefilling if len(s.request.prompt) - s.prefilled > ROW_PREFILL), None)
     try:
       if self.graphs is not None: self.graphs.load()  # once, at the first step: a model changed after load finds its own
@@ -158,12 +164,19 @@ class Engine:
         if 0 < rest <= ROW_PREFILL and not seq.done:
           take = min(rest, cap + len(generating) - len(rows))
           rows += [(seq, seq.prefilled + i) for i in range(take)]
-      for i in range(0, len(rows), cap): self._step(rows[i:i + cap])
+      # a pipeline's groups: the running sequences shared evenly among its stages (those in flight count)
+      per = cap if self.depth == 1 else max(1, min(cap, math.ceil((len(rows) + sum(len(r) for r, _, _ in self.in_flight)) / self.depth)))
+      for i in range(0, len(rows), per):
+        self.in_flight.append(self._send(rows[i:i + per]))
+        if len(self.in_flight) >= self.depth: self._receive_oldest()
+      if self.in_flight and not rows: self._receive_oldest()  # nothing new to send: wait for the oldest
       if self.graphs is not None: self.graphs.save_new()  # writes only when a graph was captured that the file lacks
     except Exception as e:  # the model failed: every sequence it was running fails with it, the engine goes on
       error = e if isinstance(e, TgLlamaError) else TgLlamaError(f"the model failed: {type(e).__name__}: {e}")
+      sent = [s for sent_rows, _, _ in self.in_flight for s, _ in sent_rows]
+      self.in_flight.clear()
       with self._lock:
-        for seq in [s for s in (*prefilling, *generating) if not s.done]: self._finish(seq, Output(None, "error", error=error))
+        for seq in [s for s in (*prefilling, *generating, *sent) if not s.done]: self._finish(seq, Output(None, "error", error=error))
     return True
 
   def _prefill(self, seq: Sequence):
@@ -179,19 +192,27 @@ class Engine:
       if end == len(prompt): return self._emit([(seq, 0)], logits)
       if len(self.running) > 1 or len(prompt) - end <= ROW_PREFILL: return
 
-  def _step(self, rows: list[tuple[Sequence, int | None]]):
-    """One batched step: each row is a generating sequence's last token (None) or the prompt token at that index."""
+  def _send(self, rows: list[tuple[Sequence, int | None]]) -> tuple[list, list, object]:
+    """One batched step, sent: each row is a generating sequence's last token (None) or the prompt token at that index.
+    Its rows, the rows that emit a token, and its logits (a pipeline's may still be computing); _receive_oldest emits them."""
     batch = [(s.slot.index, len(s.slot.tokens), s.generated[-1]) if i is None else (s.slot.index, i, s.request.prompt[i]) for s, i in rows]
     logits = self.runner.decode(batch)
     emitting = []
     for r, ((seq, i), (_, _, token)) in enumerate(zip(rows, batch)):
+      seq.in_flight += 1
       seq.slot.tokens.append(token)
       if i is None: emitting.append((seq, r))
       else:
         seq.prefilled += 1
         self.prefilled_tokens += 1
         if seq.prefilled == len(seq.request.prompt): emitting.append((seq, r))  # the prompt's last token: its first output
+    return rows, emitting, logits
+
+  def _receive_oldest(self):
+    rows, emitting, logits = self.in_flight[0]
+    for seq, _ in rows: seq.in_flight -= 1
     self._emit(emitting, logits)
+    self.in_flight.popleft()
 
   def _emit(self, rows: list[tuple[Sequence, int]], logits):
     """The next token of each sequence from its row of `logits`; a sequence whose prompt just ended starts its sampling."""

@@ -69,6 +69,7 @@ class Jit(_TinyJit):
     return ret
 
 class ModelRunner:
+  depth = 1  # steps in flight that keep it busy (a pipeline's stages each run one): one process runs a step at a time
   def __init__(self, llama: Llama, device: str, dtype: DType, max_context: int, slots: int = 1, prefill_chunk: int = 64,
                devices: tuple[str, ...] = ()):
     self.llama, self.device, self.dtype, self.max_context, self.devices = llama, device, dtype, max_context, devices
