@@ -7,8 +7,8 @@ its start timed apart), and times for each:
   decode      greedy tokens/s of one stream, the median of --runs
   hops        the pipeline's time per token less the stages' own compute time per token (each stage times its steps):
               what the hops between processes cost a token (Ray calls, the hidden states, the sampled token back)
-  streams     tokens/s of 2 streams per stage at once (their prompts included, after an untimed round): the engine keeps
-              a group of them on each stage (pipeline parallelism), so the stages compute at the same time"""
+  streams     tokens/s of 2 streams per stage at once (their prompts included, after an untimed round): on stages of
+              separate devices the engine keeps a group of them on each (pipeline parallelism)"""
 from __future__ import annotations
 import json, statistics, time
 from tg_llama.bench import synthetic_prompt, timed_generate
@@ -17,12 +17,13 @@ from tg_llama.engine.engine import Request
 def run_model(model, args, start_s: float, streams: int) -> dict:
   vocab = model.config.vocab_size
   timed = [timed_generate(model.generate, synthetic_prompt(args.prompt_tokens, vocab, run), args.gen_tokens) for run in range(1, args.runs + 1)]
+  at_once(model, args, streams, 0)  # untimed: captures the graphs of that many rows
   return {"device": model.device, "start_s": start_s, "ttft_s": statistics.median(t for t, _ in timed),
           "decode_tok_s": statistics.median(d for _, d in timed), "decode_tok_s_runs": [d for _, d in timed],
-          "streams": streams, "streams_tok_s": [at_once(model, args, streams, r) for r in range(2)][-1]}
+          "streams": streams, "streams_tok_s": at_once(model, args, streams, 1)}
 
 def at_once(model, args, n: int, seed: int) -> float:
-  """Tokens/s of n greedy requests submitted together (the first round captures the graphs of n rows)."""
+  """Tokens/s of n greedy requests submitted together."""
   prompts = [synthetic_prompt(args.prompt_tokens, model.config.vocab_size, 100 * seed + i) for i in range(n)]
   start = time.perf_counter()
   handles = [model.engine.submit(Request(tuple(p), args.gen_tokens)) for p in prompts]

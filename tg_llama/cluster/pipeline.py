@@ -8,9 +8,9 @@ and the last stage runs the step and samples from its logits in one call, when t
 stages' compute plus one call per stage.
 
 Several steps are in flight at once: the engine (its `depth`, the number of devices the stages run on) splits the
-running sequences into as many groups and sends a group's next step as soon as its tokens are back, so that stage 1 runs one group while stage 2
-runs another (pipeline parallelism). Each stage runs the calls in the order the driver sent them (Ray's order for one
-caller), and the last stage's part of each step is sent in the order the steps were made.
+running sequences into as many groups and sends a group's next step as soon as its tokens are back, so that stage 1
+runs one group while stage 2 runs another (pipeline parallelism). Each stage runs the calls in the order the driver sent
+them (Ray's order for one caller), and the last stage's part of each step is sent in the order the steps were made.
 
 Faults: a stage actor is restarted by Ray (`max_restarts`) and loads its shard again. The driver sees the step fail,
 waits for every stage to answer, and when one came back as a new process (its KV cache empty) runs every busy slot's
@@ -51,10 +51,7 @@ class RemoteLogits:
       unsent = self.pipeline.unsent
       while unsent and unsent[0].order < self.order: unsent.popleft().run_last()
       if unsent and unsent[0] is self: unsent.popleft()
-      last = self.pipeline.stages[-1]
-      if send is not None: self.ran = send()
-      elif self.last[0] == "rows": self.ran = last.rows.remote(self.last[1], self.x, *self.after)
-      else: self.ran = last.chunk.remote(self.last[1], self.x, self.last[2], *self.after)
+      self.ran = send() if send is not None else self.pipeline.stages[-1].run.remote(self.last, self.x, *self.after)
     return self.ran
 
   def numpy(self) -> np.ndarray: return self.pipeline._call(lambda: self.pipeline._get(self.pipeline.stages[-1].host_logits.remote(self.run_last())), self)

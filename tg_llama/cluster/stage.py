@@ -71,12 +71,16 @@ class Stage:
       return None
     return np.ascontiguousarray(rows(read(out)))
 
+  def run(self, step: tuple, x, *after) -> np.ndarray | None:
+    """A step the driver describes as ("rows", rows) or ("chunk", slot, start), on its input x. `after`: refs of the
+    step's earlier calls here (a long prompt's chunks), so that their errors are this call's."""
+    return self.rows(step[1], x) if step[0] == "rows" else self.chunk(step[1], x, step[2])
+
   def sample(self, slots: list[int | None], greedy_only: bool, mask: np.ndarray | None, step: tuple = (), x=None, *after) -> np.ndarray:
-    """Token ids from the latest logits (runner.sample); with `step` (("rows", rows) or ("chunk", slot, start)) and its
-    input `x`, from that step's logits, run first: a step and its sampling in one call, a hop less a token. `after`: the
-    ref of the step that made the logits when it ran apart, so that a failed step fails this call too."""
-    if step and step[0] == "rows": self.rows(step[1], x)
-    elif step: self.chunk(step[1], x, step[2])
+    """Token ids from the latest logits (runner.sample); with `step` and its input `x` (as run() takes them), from that
+    step's logits, run first: a step and its sampling in one call, a hop less a token. `after`: the ref of the step that
+    made the logits when it ran apart, so that a failed step fails this call too."""
+    if step: self.run(step, x)
     tokens = self.runner.sample(self.logits, slots, greedy_only, mask)
     if self.graphs is not None: self.graphs.save_new()
     return tokens

@@ -107,9 +107,8 @@ class Engine:
     self._closing = False
     self.prefilled_tokens = 0            # prompt tokens run through the model (prefix reuse skips the rest)
     self.graphs: GraphCache | None = None  # captured graphs on disk: loaded before the first step, saved once captured
-    # a pipeline of stages (tg_llama/cluster/) keeps each busy with a step of its own: the running sequences go in that
-    # many groups, a group's next step sent as soon as its tokens are back; one process runs a step at a time
-    self.depth = runner.depth
+    # steps sent whose tokens are not back yet: up to the runner's depth (one process runs a step at a time; a pipeline
+    # of stages, tg_llama/cluster/, keeps each busy with a step of its own)
     self.in_flight: collections.deque[tuple[list, list, object]] = collections.deque()  # sent steps, oldest first
 
   @property
@@ -165,10 +164,11 @@ class Engine:
           take = min(rest, cap + len(generating) - len(rows))
           rows += [(seq, seq.prefilled + i) for i in range(take)]
       # a pipeline's groups: the running sequences shared evenly among its stages (those in flight count)
-      per = cap if self.depth == 1 else max(1, min(cap, math.ceil((len(rows) + sum(len(r) for r, _, _ in self.in_flight)) / self.depth)))
+      depth = self.runner.depth
+      per = cap if depth == 1 else max(1, min(cap, math.ceil((len(rows) + sum(len(r) for r, _, _ in self.in_flight)) / depth)))
       for i in range(0, len(rows), per):
         self.in_flight.append(self._send(rows[i:i + per]))
-        if len(self.in_flight) >= self.depth: self._receive_oldest()
+        if len(self.in_flight) >= depth: self._receive_oldest()
       if self.in_flight and not rows: self._receive_oldest()  # nothing new to send: wait for the oldest
       if self.graphs is not None: self.graphs.save_new()  # writes only when a graph was captured that the file lacks
     except Exception as e:  # the model failed: every sequence it was running fails with it, the engine goes on
