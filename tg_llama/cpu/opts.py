@@ -76,6 +76,9 @@ def rule(k) -> tuple[str, list[Opt]] | None:
   # weight is decoded once for every row of the batch. From 4 rows on, also 4 output rows per step (each input read once
   # for them) and short unrolls (every partial sum stays in a register): 8 x (1536x576) Q4_1 on one core 1.50 -> 0.53 ms,
   # 4 x 0.88 -> 0.37 ms; 2 rows are best with the lane axis unrolled whole (0.25 ms)
+  # (measured on the Intel Xeon. On the AMD EPYC, Zen 4, every upcast of the batch loses to the batch as a plain loop
+  # around one row's code, 1.3-2.5x a kernel: clang reassembles the inputs' 4-float loads with shuffles there; `tg-llama
+  # tune` finds that choice, tune.py's first candidates)
   if lanes and len(shape) == 4 and all(known) and 2 <= shape[0] <= 8:
     axis = thread_axis([1])
     opts = [Opt(OptOps.THREAD, axis, threads)] if axis is not None else []
