@@ -1,12 +1,12 @@
 """`tg-llama bench` runs end to end on a tiny random model and reports every field (no timing assertions:
 speeds on a shared machine say nothing about correctness)."""
-import importlib.util, json, re
+import importlib.util, json, os, re, signal
 from dataclasses import replace
 import numpy as np
 import pytest
 import tg_llama
 from tg_llama import api, synthetic
-from tg_llama.bench import main, table
+from tg_llama.bench import main, parse_args, run_peer, table
 from tg_llama.cli import main as cli_main
 from tg_llama.config import PRESETS, Llama3RopeScaling, LlamaConfig
 from tg_llama.convert import source_names
@@ -50,9 +50,26 @@ def test_json_fields(tiny, capsys):
   c = tg_llama.load(tiny).config
   assert ours["bytes_per_token"] > 4 * c.n_layers * (2 * c.dim * c.dim + 3 * c.dim * c.hidden_dim) + 4 * c.vocab_size * c.dim
   peers = {p["name"]: p for p in out["compare"]}
-  assert FIELDS <= set(peers["transformers"])
+  assert FIELDS | {"peak_rss_mb"} <= set(peers["transformers"])  # measured in its own process
   if importlib.util.find_spec("llama_cpp") is None: assert "pip install llama-cpp-python" in peers["llama.cpp"]["skipped"]
   else: assert "directory" in peers["llama.cpp"]["skipped"]  # llama.cpp runs GGUF files only
+
+def dies_of_an_illegal_instruction(args, path, vocab):
+  """A peer whose native code was built for another CPU: the kernel kills its process with SIGILL."""
+  os.kill(os.getpid(), signal.SIGILL)
+
+def test_a_crashing_peer_is_one_line(tiny):
+  """A peer that dies (llama.cpp built for another CPU: an illegal instruction) is a line of the table, not the bench's end."""
+  args = parse_args(["--model", str(tiny), *FAST])
+  out = run_peer("llama.cpp", dies_of_an_illegal_instruction, args, tiny, 1024)
+  assert out["name"] == "llama.cpp" and out["skipped"].startswith("crashed, killed by SIGILL (an illegal instruction")
+  assert "pip install --no-binary llama-cpp-python" in out["skipped"]
+  result = {"model": str(tiny), "prompt_tokens": 8, "gen_tokens": 3, "runs": 1, "machine_copy_gb_s": 1.0, "compare": [out],
+            "ours": {"device": "CPU", "dtype": "float32", "quantize": "none", "prefill_tok_s": 1.0, "decode_tok_s": 1.0,
+                     "ttft_cold_s": 1.0, "ttft_warm_s": 1.0, "peak_rss_mb": 1.0, "achieved_gb_s": 1.0, "kernel_choices": "defaults",
+                     "load_s": 1.0, "bytes_per_token": 1, "sampling": {"temperature": 0.7}, "sampled_decode_tok_s": 1.0,
+                     "rss_within_bound": True, "rss_bound_mb": 1.0, "checkpoint_mb": 1.0, "kv_cache_mb": 1.0, "runtime_rss_mb": 1.0}}
+  assert "llama.cpp: crashed, killed by SIGILL" in table(result)
 
 def test_constrained_decode_on_the_default_model(capsys):
   out = run_json(capsys, FAST)  # the bundled model: the JSON schema's grammar needs its tokenizer

@@ -1,5 +1,7 @@
 """`tg-llama bench`: prefill and decode speed, time to first token, peak memory and memory bandwidth, in one
-table, optionally next to Hugging Face transformers and llama.cpp running the same weights in the same process.
+table, optionally next to Hugging Face transformers and llama.cpp running the same weights on the same machine, each
+in a process of its own (its memory its own, and a crash of its native code one line of the table: a llama.cpp built for
+another CPU dies of an illegal instruction).
 
 What is measured, on a synthetic prompt of `--prompt-tokens` ids (the speed does not depend on the text):
   ttft cold   the first generate() of this process: prefill + first token, JIT capture and kernel compiles
@@ -18,7 +20,7 @@ Speeds vary by 30% or more between runs on a shared machine: compare rows of one
 
 Not here: text quality (see the tests), batching, sampling other than greedy, timing assertions."""
 from __future__ import annotations
-import argparse, json, pathlib, resource, statistics, time
+import argparse, json, multiprocessing, pathlib, resource, signal, statistics, time
 import numpy as np
 
 COMPARE = ("transformers", "llama.cpp")
@@ -222,6 +224,33 @@ def bench_llama_cpp(args, path: pathlib.Path, vocab: int) -> dict:
       tokens = [token]
   return _peer_runs("llama.cpp", generate, args, vocab, load_s)
 
+PEERS = {"transformers": bench_transformers, "llama.cpp": bench_llama_cpp}
+
+def _peer_process(bench, args, path: pathlib.Path, vocab: int, send):
+  result = bench(args, path, vocab)
+  if "skipped" not in result: result["peak_rss_mb"] = peak_rss_mb()
+  send.send(result)
+
+def run_peer(name: str, bench, args, path: pathlib.Path, vocab: int) -> dict:
+  """`bench(args, path, vocab)` (a peer's bench function) in a spawned process: its result, with its process's peak RSS; or,
+  where it dies, a skipped entry that says of what."""
+  context = multiprocessing.get_context("spawn")  # not fork: the parent holds tinygrad's threads and compile pool
+  receive, send = context.Pipe(duplex=False)
+  process = context.Process(target=_peer_process, args=(bench, args, path, vocab, send))
+  process.start()
+  send.close()  # our copy: the child's end closes with it, so recv() ends with EOFError when it dies
+  try: result = receive.recv()
+  except EOFError: result = None
+  process.join()
+  if result is not None: return result
+  code = process.exitcode
+  why = f"killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exited with status {code}"
+  if code == -signal.SIGILL:
+    why += (" (an illegal instruction: it was built for another CPU; build it on this one, `pip install --no-binary "
+            f"llama-cpp-python llama-cpp-python`, or on a CPU reporting AMX: {LLAMA_CPP_INSTALL})") if name == "llama.cpp" else \
+           " (an illegal instruction: it was built for another CPU)"
+  return {"name": name, "skipped": f"crashed, {why}"}
+
 def _peer_runs(name: str, generate, args, vocab: int, load_s: float) -> dict:
   P, G = args.prompt_tokens, args.gen_tokens
   ttft_cold, _ = timed_generate(generate, synthetic_prompt(P, vocab, 0), G)
@@ -243,7 +272,7 @@ def table(result: dict) -> str:
       continue
     rows.append((f"{peer['name']} (x ours)", f"{peer['prefill_tok_s']:.1f} (x{peer['prefill_tok_s'] / ours['prefill_tok_s']:.2f})",
                  f"{peer['decode_tok_s']:.1f} (x{peer['decode_tok_s'] / ours['decode_tok_s']:.2f})",
-                 f"{peer['ttft_cold_s']:.2f}", f"{peer['ttft_warm_s']:.2f}", "-", "-"))
+                 f"{peer['ttft_cold_s']:.2f}", f"{peer['ttft_warm_s']:.2f}", f"{peer['peak_rss_mb']:.0f}", "-"))
   widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
   lines = ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows]
   head = (f"{result['model']}: {result['prompt_tokens']}-token prompt, {result['gen_tokens']} new tokens, median of {result['runs']} runs; "
@@ -259,7 +288,7 @@ def table(result: dict) -> str:
   if "constrained_decode_tok_s" in ours: notes.append(f"tg-llama under a JSON schema: {ours['constrained_decode_tok_s']:.1f} decode tok/s "
                f"({100 * ours['constrained_decode_tok_s'] / ours['decode_tok_s']:.0f}% of unconstrained), "
                f"matcher {ours['matcher_us_per_token']:.0f} us/token (mask + advance)")
-  return "\n".join([head, *lines, *notes, "peers run in the same process: their memory is not separable (-); speeds vary by 30% between runs"])
+  return "\n".join([head, *lines, *notes, "each peer runs in a process of its own (its peak RSS: its process's); speeds vary by 30% between runs"])
 
 def main(argv: list[str] | None = None) -> int:
   args = parse_args(argv)
@@ -279,6 +308,6 @@ def main(argv: list[str] | None = None) -> int:
   result = {"model": str(path), "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "runs": args.runs,
             "machine_copy_gb_s": copy, "bandwidth_pct": 100 * ours["achieved_gb_s"] / copy, "ours": ours, "compare": []}
   for peer in dict.fromkeys(args.compare):
-    result["compare"].append((bench_transformers if peer == "transformers" else bench_llama_cpp)(args, path, ours["vocab_size"]))
+    result["compare"].append(run_peer(peer, PEERS[peer], args, path, ours["vocab_size"]))
   print(json.dumps(result, indent=2) if args.json else table(result))
   return 0
