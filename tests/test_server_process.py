@@ -54,4 +54,6 @@ def test_sigterm_ends_open_streams_and_exits_0(server):
   assert last["error"]["type"] == "server_error" and "shutting down" in last["error"]["message"]
   assert all("choices" in json.loads(e) for e in events[:-2])
   assert proc.wait(60) == 0
+  log = proc.stderr.read()
+  assert "CPU kernel choices: " in log and ("tg-llama tune" in log or "tuned for" in log)  # the tune's state, said at start
   with pytest.raises(httpx.TransportError): httpx.get(url + "/health")  # it is gone
