@@ -27,6 +27,7 @@ import tinygrad.codegen.opt.heuristic as heuristic
 import tinygrad.codegen.opt.search as search
 import tinygrad.engine.realize as realize
 import tinygrad.engine.worker as worker
+from tinygrad import dtypes
 from tinygrad.codegen.opt import KernelOptError, Opt, OptOps
 from tinygrad.codegen.opt.postrange import Scheduler
 from tinygrad.helpers import NUM_CPU_THREADS, PARALLEL, getenv
@@ -43,6 +44,10 @@ def _is_decode_length(s) -> bool:
 def _broadcast(k, axis: int) -> bool:
   """Whether one of the kernel's buffers does not vary along `axis` (its values are reused across it)."""
   return any(k.rngs[axis] not in b.src[1].get_idx().backward_slice for b in k.bufs)
+
+def _reads(k, dtype) -> bool:
+  """Whether one of the kernel's buffers holds values of `dtype` (int8: a Q8_0 or int8 weight's)."""
+  return any(getattr(b.src[0].dtype, "base", b.src[0].dtype) == dtype for b in k.bufs)
 
 def rule(k) -> tuple[str, list[Opt]] | None:
   """The name of our rule that claims the kernel (its kind, as tg_llama/cpu/tune.py's table names it) and its default
@@ -65,12 +70,16 @@ def rule(k) -> tuple[str, list[Opt]] | None:
     axis = thread_axis(outs)
     opts = [Opt(OptOps.THREAD, axis, threads)] if axis is not None else []
     opts.append(Opt(OptOps.UNROLL, 1, 0))
-    # one row's product: also 2-3 blocks of lanes a step, which keeps the int8 -> float conversions off the critical path
-    # (measured on one core: the Q8_0 head 49152x576 12.6 -> 2.8 ms, int8 1536x576 0.47 -> 0.18 ms; Q4 and float
-    # unchanged). A short reduction (at most 8 steps: the sampler's sums over the vocabulary, 256-2048 rows x 6 x 32)
-    # takes 2 rows a step instead: 2.4-2.5x on one core (`tg-llama tune` found it)
+    # one row's product of int8 weights: also 2-3 blocks of lanes a step, which keeps the int8 -> float conversions off
+    # the critical path (measured on one core: the Q8_0 head 49152x576 12.6 -> 2.8 ms, int8 1536x576 0.47 -> 0.18 ms).
+    # Not Q4 blocks (uint8) nor float: unchanged on the CPU where this was measured, and on the AMD EPYC (Zen 4) 1.03-1.06x
+    # slower with 3 blocks a step (SmolLM2's 576-wide weights) and 3.8-4.1x with 2 (Llama 3.2 1B's 2048-wide: 8192x2048
+    # Q4_1 1.31 -> 5.43 ms, its 128,256-row head 21.4 -> 82.7 ms). A short reduction (at most 8 steps: the sampler's sums
+    # over the vocabulary, 256-2048 rows x 6 x 32) takes 2 rows a step instead: 2.4-2.5x on one core (`tg-llama tune`
+    # found it)
     if not kv_length and shape[1] <= 8 and shape[0] % (2 * (threads if axis is not None else 1)) == 0: opts.append(Opt(OptOps.UPCAST, 0, 2))
-    elif not kv_length and (step := next((u for u in (3, 2) if shape[1] % u == 0), None)): opts.append(Opt(OptOps.UNROLL, 0, step))
+    elif not kv_length and _reads(k, dtypes.int8) and (step := next((u for u in (3, 2) if shape[1] % u == 0), None)):
+      opts.append(Opt(OptOps.UNROLL, 0, step))
     return ("matvec" if not kv_length else "decode scores"), opts
   # a quantized layer's product for a decode batch of 2-8 rows: batch x rows x (K/A) x A. The batch axis upcast whole, so that each
   # weight is decoded once for every row of the batch. From 4 rows on, also 4 output rows per step (each input read once
