@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse, json, multiprocessing, pathlib, resource, signal, statistics, time
 import numpy as np
 
-COMPARE = ("transformers", "llama.cpp")
 # the native build crashes (illegal instruction) on CPUs that report AMX: name the features, AMX off (~8 min on 2 cores)
 LLAMA_CPP_INSTALL = ('CMAKE_ARGS="-DGGML_NATIVE=OFF -DGGML_AVX=ON -DGGML_AVX2=ON -DGGML_BMI2=ON -DGGML_FMA=ON -DGGML_F16C=ON '
                      '-DGGML_AVX_VNNI=ON -DGGML_AVX512=ON -DGGML_AVX512_VBMI=ON -DGGML_AVX512_VNNI=ON -DGGML_AVX512_BF16=ON '
@@ -44,7 +43,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
   p.add_argument("--prompt-tokens", type=int, default=256)
   p.add_argument("--gen-tokens", type=int, default=128)
   p.add_argument("--runs", type=int, default=3, help="timed runs after the warm-up (the median is reported)")
-  p.add_argument("--compare", action="append", choices=COMPARE, default=[], help="also time this peer (repeatable)")
+  p.add_argument("--compare", action="append", choices=tuple(PEERS), default=[], help="also time this peer (repeatable)")
   p.add_argument("--json", action="store_true", help="print the results as one JSON object instead of a table")
   p.add_argument("--concurrency", type=_levels, default=None, metavar="1,4,8",
                  help="instead: streams at once through `tg-llama serve` (aggregate tokens/s, time to first token and between tokens)")
@@ -224,7 +223,7 @@ def bench_llama_cpp(args, path: pathlib.Path, vocab: int) -> dict:
       tokens = [token]
   return _peer_runs("llama.cpp", generate, args, vocab, load_s)
 
-PEERS = {"transformers": bench_transformers, "llama.cpp": bench_llama_cpp}
+PEERS = {"transformers": bench_transformers, "llama.cpp": bench_llama_cpp}  # what --compare may name
 
 def _peer_process(bench, args, path: pathlib.Path, vocab: int, send):
   result = bench(args, path, vocab)
