@@ -48,7 +48,9 @@ def test_the_tune_finds_kernels_of_several_kinds_and_writes_this_machines_table(
   changed = [e for e, (_, n) in zip(table.entries, tuned["chose"]) if n > 1]
   assert len(changed) >= 2 and all(e.opts is not None and e.opts != e.default for e in changed)
   assert f"tuning kernel 1/{len(table.entries)} (" in tuned["stderr"] and tuned["summary"].startswith("kernel ")
-  assert tune.describe(tuned["cache"] / "cpu") == f"tuned for {table.machine['cpu']} on {table.date}, {len(changed)} of {len(table.entries)} kernels changed"
+  batch = "as a loop" if table.batch_loop else "upcast"
+  assert tune.describe(tuned["cache"] / "cpu") == f"tuned for {table.machine['cpu']} on {table.date}, {len(changed)} of " \
+                                                  f"{len(table.entries)} kernels changed, a quantized decode batch {batch}"
   assert oct((tuned["cache"] / "cpu" / "tuned.json").stat().st_mode & 0o777) == "0o600"
 
 def test_tune_again_shows_the_table_without_force(tiny, tuned, monkeypatch, capsys):
@@ -98,7 +100,7 @@ def test_this_machines_table_is_used_and_another_machines_ignored(tmp_path):
   default = (Opt(OptOps.THREAD, 1, 2), Opt(OptOps.UPCAST, 1, 8), Opt(OptOps.UPCAST, 0, 4), Opt(OptOps.UNROLL, 0, 8))
   assert loaded(tmp_path) == ({("prefill matmul", (64, 192, 576), default): (Opt(OptOps.THREAD, 1, 2), Opt(OptOps.UPCAST, 1, 16),
                                                                              Opt(OptOps.UPCAST, 0, 4), Opt(OptOps.UNROLL, 0, 4))}, [])
-  assert tune.describe(tmp_path).endswith("1 of 1 kernels changed")
+  assert tune.describe(tmp_path).endswith("1 of 1 kernels changed, a quantized decode batch upcast")  # a table from before the probe
 
 def test_writing_keeps_other_machines_tables(tmp_path):
   other = tune.parse(json.dumps({"format": tune.FORMAT, "tables": [table({**tune.machine(), "cpu": "Another CPU"}, [KERNEL])]}).encode())[0]
@@ -118,6 +120,8 @@ def hostile() -> dict:
     "a huge arg": ok(opts=[["UPCAST", 0, 1 << 40]]), "an object opt": ok(opts=[{"op": "UPCAST"}]),
     "nan time": json.dumps(ok()).encode().replace(b'"default_ms": 1.0', b'"default_ms": NaN'),
     "too many tables": {"format": tune.FORMAT, "tables": [table(tune.machine())] * (tune.MAX_TABLES + 1)},
+    "a batch_loop not a bool": {"format": tune.FORMAT, "tables": [{**table(tune.machine(), [KERNEL]), "batch_loop": "yes"}]},
+    "an extra key in a table": {"format": tune.FORMAT, "tables": [{**table(tune.machine(), [KERNEL]), "batch_looop": True}]},
   }
 
 @pytest.mark.parametrize("name", list(hostile()))
@@ -191,6 +195,51 @@ def test_the_graph_key_follows_the_choices_in_use(monkeypatch):
   opts.TUNED[("matvec", (96, 8, 16), ())] = (Opt(OptOps.UPCAST, 0, 4),)
   assert "" != first != tune.fingerprint() != ""
 
+# ---- the probe ----
+
+def test_a_machine_without_a_table_is_probed_once_and_keeps_the_probes_table(tmp_path, monkeypatch):
+  monkeypatch.setattr(opts, "TUNED", {})  # install() sets both: restored after the test
+  monkeypatch.setattr(opts, "BATCH_LOOP", opts.BATCH_LOOP)
+  monkeypatch.setattr(tune, "cache_folder", lambda name: tmp_path)
+  probed, probe = [], tune.probe
+  monkeypatch.setattr(tune, "probe", lambda: probed.append(probe()) or probed[-1])
+  tune.install()
+  [(loop, times)] = probed
+  assert set(times) == {4, 8} and all(upcast > 0 and as_loop > 0 for upcast, as_loop in times.values())  # both timed
+  [table] = tune.read_tables(tmp_path)
+  assert (table.machine, table.model, table.entries, table.batch_loop) == (tune.machine(), "", (), loop) and opts.BATCH_LOOP == loop
+  assert opts.TUNED == {} and tune.describe(tmp_path).startswith(f"defaults, a quantized decode batch {'as a loop' if loop else 'upcast'} (probed on ")
+  tune.install()
+  assert len(probed) == 1  # the table is this machine's now
+
+@pytest.mark.parametrize("batch_loop", [False, True])
+def test_a_quantized_decode_batch_is_numpys_product_as_a_loop_or_upcast(batch_loop, monkeypatch):
+  # both ways the probe may choose to run a decode batch's product of Q4_1 and Q8_0 blocks give numpy's x @ dequantized w.T;
+  # a product of float weights (the sampler's sums) keeps the upcast either way
+  from tg_llama.linear import lanes_matvec
+  from tg_llama.quantize import Int4Linear, Int8Linear
+  monkeypatch.setattr(opts, "TUNED", {})
+  monkeypatch.setattr(opts, "BATCH_LOOP", opts.BATCH_LOOP)
+  opts.install({}, batch_loop)
+  rng = np.random.default_rng(0)
+  K = 128 + 64 * batch_loop  # a kernel of its own for each: a compiled kernel of the same AST would be reused
+  xs, ws = rng.standard_normal((4, 1, K)).astype(np.float32), rng.standard_normal((96, K)).astype(np.float32)
+  x = Tensor(xs).realize()
+  for cls, dequant in ((Int4Linear, lambda p: (np.concatenate([p["weight"] & 15, p["weight"] >> 4], -1) * p["scale"][..., None] + p["min"][..., None]).reshape(96, K)),
+                       (Int8Linear, lambda p: (p["weight"].reshape(96, K // 32, 32) * p["scale"][..., None]).reshape(96, K))):
+    layer = cls(K, 96, **({"group_size": 32} if cls is Int8Linear else {}))
+    params = {name: t.contiguous().realize() for name, t in cls.quantize(Tensor(ws), **({"group_size": 32} if cls is Int8Linear else {})).items()}
+    for name, t in params.items(): setattr(layer, name, t)
+    [kernel] = [k for k in tune.record(lambda: layer(x).realize()) if k.kind == "batch matvec"]
+    assert (not any(o.op is OptOps.UPCAST for o in kernel.default) and Opt(OptOps.UNROLL, 1, 0) in kernel.default) == batch_loop, kernel.default
+    np.testing.assert_allclose(layer(x).numpy(), xs @ dequant({n: t.numpy() for n, t in params.items()}).T, atol=1e-3, rtol=1e-4)
+  [kernel] = tune.record(lambda: lanes_matvec(x, Tensor(ws), 16).realize())
+  assert kernel.kind == "batch matvec" and any(o.op is OptOps.UPCAST for o in kernel.default)
+
+def test_a_tables_batch_loop_is_read_and_written(tmp_path):
+  tune.write(tune.Table(tune.machine(), "2026-01-02", "", (), True), tmp_path)
+  assert tune.this_machines(tune.read_tables(tmp_path)).batch_loop and tune.describe(tmp_path).startswith("defaults, a quantized decode batch as a loop")
+
 # ---- the subprocesses ----
 
 def mode_tune(path: str) -> dict:
@@ -207,7 +256,12 @@ def mode_tune(path: str) -> dict:
     i, default, best = choose(kernel, choices)
     chose.append((i, len(choices)))
     return min(1, len(choices) - 1), default, best
-  tune.record, tune.choose, tune.MAX_CANDIDATES, tune.ROUNDS = one_of_each_kind, forced, 2, 1
+  def probe():  # the probe's own kernels, recorded in full
+    tune.record = record
+    try: return real_probe()
+    finally: tune.record = one_of_each_kind
+  real_probe = tune.probe
+  tune.record, tune.choose, tune.probe, tune.MAX_CANDIDATES, tune.ROUNDS = one_of_each_kind, forced, probe, 2, 1
   with contextlib.redirect_stdout(out := io.StringIO()): assert cli.main(["tune", "--model", path]) == 0
   return {"summary": out.getvalue(), "chose": chose, "kinds": kinds}
 

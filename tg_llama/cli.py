@@ -163,7 +163,7 @@ def cmd_tune(args) -> int:
   from tg_llama.cpu import tune
   if (folder := cache_folder("cpu")) is None:
     raise TgLlamaError("the CPU backend's cache folder is not yours alone, so no tuned table can be kept there (see the warning)")
-  if not args.force and (old := tune.this_machines(tune.read_tables(folder))) is not None:
+  if not args.force and (old := tune.this_machines(tune.read_tables(folder))) is not None and old.entries:  # not the probe's alone
     print(tune.summary(old))
     print(f"{tune.describe(folder)}; `tg-llama tune --force` searches again", file=sys.stderr)
     return 0

@@ -23,9 +23,9 @@ LAYOUT = KernelLayout(dot_lanes=4, matvec_lanes=64, even_groups=True, panel=16)
 
 def install():
   """Set up this process for the CPU backend: tinygrad's heuristic and its compile workers use our kernel choices (those
-  `tg-llama tune` chose on this machine where it ran, tune.py)."""
-  from tg_llama.cpu import opts, tune
-  opts.install(tune.load())
+  `tg-llama tune` chose on this machine where it ran, else the defaults with the probe's choice for a decode batch, tune.py)."""
+  from tg_llama.cpu import tune
+  tune.install()
 
 @functools.cache
 def fall_back(what: str, lacking: str):

@@ -49,6 +49,11 @@ def _reads(k, dtype) -> bool:
   """Whether one of the kernel's buffers holds values of `dtype` (int8: a Q8_0 or int8 weight's)."""
   return any(getattr(b.src[0].dtype, "base", b.src[0].dtype) == dtype for b in k.bufs)
 
+def _int8_steps(k, blocks: int) -> list[Opt]:
+  """One row's product of int8 weights: 2-3 blocks of lanes a step (see rule), none for other weights."""
+  step = next((u for u in (3, 2) if blocks % u == 0), None) if _reads(k, dtypes.int8) else None
+  return [Opt(OptOps.UNROLL, 0, step)] if step else []
+
 def rule(k) -> tuple[str, list[Opt]] | None:
   """The name of our rule that claims the kernel (its kind, as tg_llama/cpu/tune.py's table names it) and its default
   choice, or None for tinygrad's."""
@@ -78,19 +83,20 @@ def rule(k) -> tuple[str, list[Opt]] | None:
     # over the vocabulary, 256-2048 rows x 6 x 32) takes 2 rows a step instead: 2.4-2.5x on one core (`tg-llama tune`
     # found it)
     if not kv_length and shape[1] <= 8 and shape[0] % (2 * (threads if axis is not None else 1)) == 0: opts.append(Opt(OptOps.UPCAST, 0, 2))
-    elif not kv_length and _reads(k, dtypes.int8) and (step := next((u for u in (3, 2) if shape[1] % u == 0), None)):
-      opts.append(Opt(OptOps.UNROLL, 0, step))
+    elif not kv_length: opts += _int8_steps(k, shape[1])
     return ("matvec" if not kv_length else "decode scores"), opts
   # a quantized layer's product for a decode batch of 2-8 rows: batch x rows x (K/A) x A. The batch axis upcast whole, so that each
   # weight is decoded once for every row of the batch. From 4 rows on, also 4 output rows per step (each input read once
   # for them) and short unrolls (every partial sum stays in a register): 8 x (1536x576) Q4_1 on one core 1.50 -> 0.53 ms,
   # 4 x 0.88 -> 0.37 ms; 2 rows are best with the lane axis unrolled whole (0.25 ms)
-  # (measured on the Intel Xeon. On the AMD EPYC, Zen 4, every upcast of the batch loses to the batch as a plain loop
-  # around one row's code, 1.3-2.5x a kernel: clang reassembles the inputs' 4-float loads with shuffles there; `tg-llama
-  # tune` finds that choice, tune.py's first candidates)
+  # (measured on the Intel Xeon). On the AMD EPYC (Zen 4) every upcast of a quantized weight's batch loses to the batch as
+  # a plain loop around one row's code, 1.3-2.5x a kernel (clang reassembles the inputs' 4-float loads with shuffles
+  # there, worst with float16 scales): where tune.py's probe finds that on the machine (BATCH_LOOP), the loop is the default
   if lanes and len(shape) == 4 and all(known) and 2 <= shape[0] <= 8:
     axis = thread_axis([1])
     opts = [Opt(OptOps.THREAD, axis, threads)] if axis is not None else []
+    if BATCH_LOOP and (_reads(k, dtypes.uint8) or _reads(k, dtypes.int8)):
+      return "batch matvec", opts + [Opt(OptOps.UNROLL, 1, 0)] + _int8_steps(k, shape[2])
     # int8 blocks of 32 lanes (Q8_0: SmolLM2's output head), 2 or 4 rows: one output row a step, short unrolls. Measured on 2
     # cores, 49152x576: 2 rows 12.9 -> 3.5 ms, 4 rows 5.7 -> 4.3 ms; 8192x2048: 6.4 -> 2.4 ms, 3.1 -> 2.6 ms (8 rows: mixed)
     if shape[0] < 8 and shape[3] > 16 and shape[3] % 4 == 0 and shape[2] % 2 == 0:
@@ -146,6 +152,8 @@ def rule(k) -> tuple[str, list[Opt]] | None:
 # default where they apply.
 # One table per process, like the heuristic rebound below: install() sets it, and hands it to the compile workers
 TUNED: dict[tuple[str, tuple[int, ...], tuple[Opt, ...]], tuple[Opt, ...]] = {}
+# whether a quantized product's decode batch runs as a loop around one row's code by default, not upcast (tune.py's probe)
+BATCH_LOOP = False
 
 def shape_key(k) -> tuple[int, ...]:
   """The kernel's shape as the tuned table writes it: a symbolic size (a cache length) as -1."""
@@ -181,30 +189,36 @@ def lacking() -> list[str]:
          missing(worker, "_init_worker", "_WorkerContext", "worker_pool", "terminate_worker_pool") + \
          missing(Scheduler, "full_shape", "axis_types", "copy", "apply_opt", "rngs", "bufs")
 
-def install(tuned: dict | None = None):
+def install(tuned: dict | None = None, batch_loop: bool = False):
   """Route tinygrad's heuristic through ours, in this process and in the compile workers it starts (idempotent), with
-  `tuned` (tune.py's load(): (kind, shape) -> opts) in place of the defaults, none by default; or, where tinygrad lacks
-  any of it, leave tinygrad's own (one warning)."""
+  `tuned` (tune.py's Table.choices(): (kind, shape, default) -> opts) in place of the defaults, none by default, and a
+  quantized product's decode batch as a loop where `batch_loop` (BATCH_LOOP); or, where tinygrad lacks any of it, leave
+  tinygrad's own (one warning)."""
+  global BATCH_LOOP
   if gone := lacking():
     fall_back("choosing the CPU's kernels", ", ".join(gone))
     return
   TUNED.clear()
   TUNED.update(tuned or {})
+  BATCH_LOOP = batch_loop
   heuristic.hand_coded_optimizations = hand_coded_optimizations  # looked up at each use
   realize.get_worker_pool = search.get_worker_pool = get_worker_pool
 
-def _init_worker(tuned: dict):
+def _init_worker(tuned: dict, batch_loop: bool):
+  global BATCH_LOOP
   worker._init_worker()
   TUNED.update(tuned)
+  BATCH_LOOP = batch_loop
   heuristic.hand_coded_optimizations = hand_coded_optimizations
 
 def get_worker_pool():
   """tinygrad's compile pool (engine/worker.py's get_worker_pool), its workers started with our heuristic."""
   if multiprocessing.current_process().daemon or PARALLEL == 0: return None
   # tinygrad's own pool, or ours started with another table
-  if worker.worker_pool is not None and getattr(worker.worker_pool, "tg_llama", None) != TUNED: worker.terminate_worker_pool()
+  if worker.worker_pool is not None and getattr(worker.worker_pool, "tg_llama", None) != (TUNED, BATCH_LOOP): worker.terminate_worker_pool()
   if worker.worker_pool is None:
-    worker.worker_pool = pool = worker._WorkerContext().Pool(PARALLEL.value, _init_worker, (dict(TUNED),), getenv("BEAM_MAX_TASKS_PER_CHILD", 16))
-    pool.tg_llama = dict(TUNED)
+    worker.worker_pool = pool = worker._WorkerContext().Pool(PARALLEL.value, _init_worker, (dict(TUNED), BATCH_LOOP),
+                                                             getenv("BEAM_MAX_TASKS_PER_CHILD", 16))
+    pool.tg_llama = (dict(TUNED), BATCH_LOOP)
     atexit.register(pool.close)
   return worker.worker_pool

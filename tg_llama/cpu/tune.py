@@ -18,6 +18,12 @@ with one RuntimeWarning. Loading a model on the CPU backend uses this machine's 
 install), where an opt that no longer applies (tinygrad changed the kernel) gives way to the default; the captured-graph
 cache keys include the choices in use (fingerprint), so graphs of other choices are never replayed.
 
+One choice is made on every machine without a table, once, at the first use of the CPU backend (install): whether a
+quantized product's decode batch runs upcast (each weight decoded once for every row) or as a loop around one row's
+code (opts.BATCH_LOOP), the two timed on one layer in a few seconds (probe). Which is faster differs between CPUs by 2x
+either way (the Intel Xeon against the AMD EPYC, Zen 4), and a server's batches run these products all the time. Its
+table (no kernels, the choice) is kept like a tune's; a tune probes again and tunes against the choice.
+
 Not here: a search over every opt (tinygrad's BEAM does that, for one kernel at a time and minutes a kernel), kernels no
 rule claims (tinygrad's heuristic keeps them), other backends."""
 from __future__ import annotations
@@ -29,7 +35,7 @@ import tinygrad.codegen.opt.postrange as postrange
 import tinygrad.codegen.opt.search as search
 import tinygrad.engine.realize as realize
 import tinygrad.tensor as tensor
-from tinygrad import Context
+from tinygrad import Context, Tensor, dtypes
 from tinygrad.codegen import to_program
 from tinygrad.codegen.opt import KernelOptError, Opt, OptOps
 from tinygrad.device import CompileError
@@ -79,8 +85,9 @@ class Entry:
 class Table:
   machine: dict
   date: str
-  model: str
+  model: str                      # "" for a table of the probe alone
   entries: tuple[Entry, ...]
+  batch_loop: bool = False        # the probe's choice (opts.BATCH_LOOP), the entries' defaults measured under it
 
   def choices(self) -> dict[tuple[str, tuple[int, ...], tuple[Opt, ...]], tuple[Opt, ...]]:
     """What opts.install takes: the changed choices by (kind, shape, the default they beat)."""
@@ -91,7 +98,7 @@ def _entry_json(e: Entry) -> dict:
   return {"kind": e.kind, "shape": list(e.shape), "default": [_opt_json(o) for o in e.default],
           "opts": None if e.opts is None else [_opt_json(o) for o in e.opts], "default_ms": e.default_ms, "chosen_ms": e.chosen_ms}
 def _table_json(t: Table) -> dict:
-  return {"machine": t.machine, "date": t.date, "model": t.model, "kernels": [_entry_json(e) for e in t.entries]}
+  return {"machine": t.machine, "date": t.date, "model": t.model, "kernels": [_entry_json(e) for e in t.entries], "batch_loop": t.batch_loop}
 
 class Malformed(ValueError): pass
 
@@ -122,14 +129,17 @@ def _parse_entry(d) -> Entry:
                float(d["default_ms"]), float(d["chosen_ms"]))
 
 def _parse_table(d) -> Table:
-  _fields(d, {"machine", "date", "model", "kernels"}, "a table")
+  # batch_loop may be missing: a table written before the probe was (its choices measured against the upcast batch)
+  _check(type(d) is dict and set(d) - {"batch_loop"} == {"machine", "date", "model", "kernels"},
+         "a table must be an object with exactly date, kernels, machine, model (and batch_loop)")
+  _check(type(d.get("batch_loop", False)) is bool, "batch_loop must be true or false")
   m = d["machine"]
   _fields(m, {"cpu", "flags", "threads", "tinygrad"}, "a machine")
   _check(_str(m["cpu"]) and _str(m["tinygrad"], 100) and _int(m["threads"], 1, 1 << 16) and type(m["flags"]) is list
          and len(m["flags"]) <= len(FLAGS) and all(f in FLAGS for f in m["flags"]), "a machine's fields have the wrong types")
   _check(_str(d["date"], 40) and _str(d["model"], 400), "date and model must be short strings")
   _check(type(d["kernels"]) is list and len(d["kernels"]) <= MAX_KERNELS, f"kernels must be a list of at most {MAX_KERNELS}")
-  return Table(m, d["date"], d["model"], tuple(_parse_entry(e) for e in d["kernels"]))
+  return Table(m, d["date"], d["model"], tuple(_parse_entry(e) for e in d["kernels"]), d.get("batch_loop", False))
 
 def parse(text: bytes) -> list[Table]:
   """The tables of a file's bytes; raises Malformed (a ValueError) for anything else."""
@@ -164,6 +174,15 @@ def load(folder: pathlib.Path | None = None) -> dict[tuple[str, tuple[int, ...],
   """This machine's tuned choices (for opts.install), or none: the defaults."""
   return t.choices() if (t := this_machines(read_tables(folder))) is not None else {}
 
+def install() -> None:
+  """opts.install with this machine's table, probing the machine first (and keeping the probe's table in the CPU's
+  cache folder) where it has none."""
+  opts.install()
+  if (t := this_machines(read_tables(folder := cache_folder("cpu")))) is None and folder is not None:
+    loop, _ = probe()
+    write(t := Table(machine(), datetime.date.today().isoformat(), "", (), loop), folder)
+  if t is not None: opts.install(t.choices(), t.batch_loop)
+
 def write(table: Table, folder: pathlib.Path) -> pathlib.Path:
   """The file with `table` in place of this machine's old one (other machines' kept), written whole or not at all."""
   others = [t for t in read_tables(folder) if t.machine != table.machine][-(MAX_TABLES - 1):]
@@ -173,13 +192,16 @@ def write(table: Table, folder: pathlib.Path) -> pathlib.Path:
   return path
 
 def fingerprint() -> str:
-  """The choices in use in this process (opts.TUNED), for the captured graphs' cache key: "" for the defaults."""
-  return hashlib.sha256(repr(sorted(opts.TUNED.items())).encode()).hexdigest()[:16] if opts.TUNED else ""
+  """The choices in use in this process (opts.TUNED, opts.BATCH_LOOP), for the captured graphs' cache key: "" for the defaults."""
+  if not opts.TUNED and not opts.BATCH_LOOP: return ""
+  return hashlib.sha256(repr((sorted(opts.TUNED.items()), opts.BATCH_LOOP)).encode()).hexdigest()[:16]
 
 def describe(folder: pathlib.Path | None = None) -> str:
   """The kernel choices a model loaded on the CPU backend uses here, in words (the bench prints it)."""
   if (t := this_machines(read_tables(folder))) is None: return "defaults (run `tg-llama tune` to search this CPU's)"
-  return f"tuned for {t.machine['cpu']} on {t.date}, {sum(e.opts is not None for e in t.entries)} of {len(t.entries)} kernels changed"
+  batch = f"a quantized decode batch {'as a loop' if t.batch_loop else 'upcast'}"
+  if not t.entries: return f"defaults, {batch} (probed on {t.date}; run `tg-llama tune` to search this CPU's)"
+  return f"tuned for {t.machine['cpu']} on {t.date}, {sum(e.opts is not None for e in t.entries)} of {len(t.entries)} kernels changed, {batch}"
 
 def summary(table: Table) -> str:
   """A line per kernel: kind, shape, the default's time and the chosen one's, the speed-up."""
@@ -319,23 +341,49 @@ def compile_all(ks: list) -> list[UOp | None]:
   for i, prg in (map if pool is None else pool.imap_unordered)(_compile, enumerate(ks)): out[i] = prg
   return out
 
-def choose(kernel: Kernel, choices: list[tuple[Opt, ...]]) -> tuple[int, float, float]:
-  """The index of the best choice (0, the default, unless another beats it by MIN_GAIN, again when both are timed once
-  more) and the default's and its best times in seconds (inf: it did not compile or run), timed as BEAM times candidates."""
+def timer(kernel: Kernel, choices: list[tuple[Opt, ...]]) -> Callable[[list[int]], list[float]]:
+  """A function that times the choices of these indices (each compiled once, here) as BEAM times candidates, and returns
+  every choice's best time so far in seconds (inf: not timed, or it did not compile or run)."""
   bufs, var_vals = postrange.args_from_ast(kernel.k.ast, "CPU")
   for b in search._ensure_buffer_alloc(bufs): b.allocator._copyin(b._buf, memoryview(bytearray(b.nbytes)))  # zeros: no NaNs or denormals
   programs = compile_all([opts.applied(kernel.k, c) for c in choices])  # each applies: candidates() checked
   best = [math.inf] * len(choices)
-  def time(which: list[int]):
+  def time(which: list[int]) -> list[float]:
     for _ in range(ROUNDS):  # in rounds: a slow moment of a busy machine spreads over all of them
       for i in which:
         if programs[i] is None: continue
         try: best[i] = min(best[i], *search._time_program(programs[i], var_vals, bufs, allow_test_size=False, cnt=RUNS))
         except RuntimeError: programs[i] = None
-  time(list(range(len(choices))))
+    return best
+  return time
+
+def choose(kernel: Kernel, choices: list[tuple[Opt, ...]]) -> tuple[int, float, float]:
+  """The index of the best choice (0, the default, unless another beats it by MIN_GAIN, again when both are timed once
+  more) and the default's and its best times in seconds (inf: it did not compile or run)."""
+  best = (time := timer(kernel, choices))(list(range(len(choices))))
   if (i := min(range(len(choices)), key=lambda j: best[j])) != 0 and best[0] > best[i] * MIN_GAIN: time([0, i])
   win = i if best[0] != math.inf and best[0] > best[i] * MIN_GAIN else 0
   return win, best[0], best[win]
+
+# ---- the probe ----
+
+PROBE = (576, 1536)  # in, out: a Q4_1 layer of SmolLM2's MLP, with float16 scales as GGUF writes them
+
+def probe() -> tuple[bool, dict[int, tuple[float, float]]]:
+  """Whether a quantized product's decode batch runs faster here as a loop around one row's code than upcast (opts.py's
+  rule), and the two times in ms by batch size: a PROBE-shaped Q4_1 layer of 4 and of 8 rows, timed as tune times
+  candidates (a few seconds). The loop where it wins both by MIN_GAIN."""
+  from tg_llama.quantize import Int4Linear
+  layer, rows = Int4Linear(*PROBE, scale_dtype=dtypes.half), (4, 8)
+  batch_loop, opts.BATCH_LOOP = opts.BATCH_LOOP, False  # the rule's upcast is the default here
+  try: kernels = record(lambda: [layer(Tensor.empty(n, 1, PROBE[0], device="CPU")).realize() for n in rows])
+  finally: opts.BATCH_LOOP = batch_loop
+  times = {}
+  for kernel in kernels:
+    if kernel.kind != "batch matvec": continue
+    loop = tuple([o for o in kernel.default if o.op is OptOps.THREAD] + [Opt(OptOps.UNROLL, 1, 0)])
+    times[kernel.shape[0]] = tuple(to_ms(t) for t in timer(kernel, [tuple(kernel.default), loop])([0, 1]))
+  return len(times) == len(rows) and all(loop > 0 and upcast > loop * MIN_GAIN for upcast, loop in times.values()), times
 
 def tune(source, progress: Callable[[str], None] | None = None, quantize: str | None = None, max_context: int | None = None) -> Table:
   """Search the kernel choices for `source` (a model, as tg_llama.load takes it) on this machine; the table (not written)."""
@@ -343,6 +391,11 @@ def tune(source, progress: Callable[[str], None] | None = None, quantize: str | 
   say = progress or (lambda line: None)
   say(f"loading {source} on the CPU backend")
   model = load(source, backend="cpu", graph_cache=False, quantize=quantize, max_context=max_context)
+  say("timing a quantized decode batch upcast and as a loop")
+  batch_loop, times = probe()
+  say("a quantized decode batch " + ("as a loop: " if batch_loop else "upcast: ") +
+      ", ".join(f"{n} rows {upcast:.3f} ms upcast, {loop:.3f} ms as a loop" for n, (upcast, loop) in times.items()))
+  opts.install({}, batch_loop)  # the defaults the kernels are tuned against
   say("finding its kernels (scheduling a prefill chunk and a decode step of each batch size)")
   kernels = record(lambda: run_engine(model.runner))
   say(f"found {len(kernels)} kernels to tune ({', '.join(sorted({k.kind for k in kernels}))})")
@@ -353,4 +406,4 @@ def tune(source, progress: Callable[[str], None] | None = None, quantize: str | 
     entries.append(Entry(kernel.kind, kernel.shape, tuple(kernel.default), choices[i] if i else None, to_ms(default), to_ms(chosen)))
     say(f"tuning kernel {n}/{len(kernels)} ({kernel.kind} {shape_text(kernel.shape)}): " +
         (f"best {label(choices[i])}, {default / chosen:.2f}x" if i else "default kept") + f" ({len(choices)} candidates)")
-  return Table(machine(), datetime.date.today().isoformat(), str(source)[-400:], tuple(entries))
+  return Table(machine(), datetime.date.today().isoformat(), str(source)[-400:], tuple(entries), batch_loop)
