@@ -44,6 +44,16 @@ def test_filters_match_transformers():
   without = our_kept([rows[i] for i in plain], [params[i] for i in plain], top_k=False)
   for j, i in enumerate(plain): np.testing.assert_array_equal(without[j], hf_kept(rows[i], params[i]), err_msg=f"row {i}: {params[i]}")
 
+def test_filters_match_transformers_at_a_real_vocabulary_size():
+  # SmolLM2's 49,152 tokens, 4 rows: the searches' sums are split into partial sums (on the CPU, opts.py's "batch sums" kernels)
+  rng, V = np.random.default_rng(2), 49152
+  params = [SamplingParams(0.2, top_p=0.9), SamplingParams(1.0, top_k=40, top_p=0.5), SamplingParams(0.7, top_p=0.95, min_p=0.05),
+            SamplingParams(1.0, top_k=1000)]
+  rows = [rng.standard_normal(V).astype(np.float32) * s for s in (3, 1, 2, 4)]
+  ours = our_kept(rows, params)
+  for i, (v, p) in enumerate(zip(rows, params)): np.testing.assert_array_equal(ours[i], hf_kept(v, p), err_msg=f"row {i}: {p}")
+  assert all(1 < n < V // 2 for n in ours.sum(1))
+
 def test_ties():
   # logits on a grid of 0.5, so the cut-off of top-k and top-p falls inside a group of equal values
   rng, V = np.random.default_rng(1), 1000

@@ -236,6 +236,13 @@ def test_a_quantized_decode_batch_is_numpys_product_as_a_loop_or_upcast(batch_lo
   [kernel] = tune.record(lambda: lanes_matvec(x, Tensor(ws), 16).realize())
   assert kernel.kind == "batch matvec" and any(o.op is OptOps.UPCAST for o in kernel.default)
 
+def test_a_batch_of_top_p_searches_takes_the_batch_sums_rule():
+  # test_sampling.py checks these kernels' results against transformers
+  from tg_llama.sampling import SamplingParams, candidate_mask, pack
+  logits = Tensor.empty(4, 49152)
+  kernels = tune.record(lambda: candidate_mask(logits, pack([SamplingParams(1.0, top_p=0.9)] * 4), top_k=False).realize())
+  assert [k.shape for k in kernels if k.kind == "batch sums"] == [(4, 3, 256, 192)]
+
 def test_a_tables_batch_loop_is_read_and_written(tmp_path):
   tune.write(tune.Table(tune.machine(), "2026-01-02", "", (), True), tmp_path)
   assert tune.this_machines(tune.read_tables(tmp_path)).batch_loop and tune.describe(tmp_path).startswith("defaults, a quantized decode batch as a loop")

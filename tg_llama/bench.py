@@ -127,11 +127,20 @@ def bench_ours(args, path: pathlib.Path) -> dict:
   load_s = time.perf_counter() - start
   vocab = model.config.vocab_size
   ttft_cold, _ = timed_generate(model.generate, synthetic_prompt(P, vocab, 0), G)
-  model.generate(synthetic_prompt(P, vocab, args.runs + 1), G)  # untimed: each graph's first replay
-  timed = [timed_generate(model.generate, synthetic_prompt(P, vocab, run), G) for run in range(1, args.runs + 1)]
-  ttft_warm, decode = statistics.median(t for t, _ in timed), statistics.median(d for _, d in timed)
-  constrained = bench_constrained(model, args)
-  sampled = bench_sampled(model, args)
+  # greedy, with the chat's sampling and under a JSON schema, a run of each in turn: their ratios not skewed by a machine
+  # that gets slower or faster over the minute (measured: greedy alone 104 tokens/s, then 98 and 93 a minute later)
+  from tg_llama.cli import build_parser, sampling_from
+  sampling = sampling_from(build_parser().parse_args(["chat"]))
+  ways = {"greedy": model.generate, "sampled": lambda prompt, n: model.generate(prompt, n, sampling)}
+  if has_tokenizer(model): ways["constrained"] = lambda prompt, n: model.generate(prompt, n, json_schema=BENCH_SCHEMA)
+  first = {way: list(generate(synthetic_prompt(P, vocab, args.runs + 1), G)) for way, generate in ways.items()}  # untimed: captures
+  timed = {way: [] for way in ways}
+  for run in range(1, args.runs + 1):
+    for way, generate in ways.items(): timed[way].append(timed_generate(generate, synthetic_prompt(P, vocab, run), G))
+  median = lambda way, i: statistics.median(t[i] for t in timed[way])
+  ttft_warm, decode = median("greedy", 0), median("greedy", 1)
+  sampled = {"sampled_decode_tok_s": median("sampled", 1), "sampling": {k: getattr(sampling, k) for k in ("temperature", "top_p", "repetition_penalty")}}
+  constrained = {"constrained_decode_tok_s": median("constrained", 1), "matcher_us_per_token": matcher_us(model, first["constrained"])} if "constrained" in ways else {}
   nbytes = bytes_per_token(model, P + G / 2)
   dtype = {"float": "float32", "half": "float16", "__bf16": "bfloat16"}.get(model.dtype.name, model.dtype.name)
   kernels = "tinygrad's heuristic"
@@ -140,43 +149,29 @@ def bench_ours(args, path: pathlib.Path) -> dict:
     kernels = tune.describe()
   return {"name": "tg-llama", "device": model.device, "dtype": dtype, "quantize": model.quantization["mode"], "kernel_choices": kernels,
           "load_s": load_s, "ttft_cold_s": ttft_cold, "ttft_warm_s": ttft_warm, "prefill_tok_s": P / ttft_warm,
-          "decode_tok_s": decode, "decode_tok_s_runs": [d for _, d in timed], **memory_bound(model, path, runtime_mb), "vocab_size": vocab,
+          "decode_tok_s": decode, "decode_tok_s_runs": [d for _, d in timed["greedy"]], **memory_bound(model, path, runtime_mb), "vocab_size": vocab,
           "bytes_per_token": nbytes, "achieved_gb_s": nbytes * decode / 1e9, **sampled, **constrained}
-
-def median_decode(generate, args, vocab: int) -> tuple[float, list[int]]:
-  """Decode tokens/s of `generate` (median of --runs timed runs), after an untimed first run (its graphs' capture); and
-  that first run's tokens."""
-  tokens = list(generate(synthetic_prompt(args.prompt_tokens, vocab, 0), args.gen_tokens))
-  return statistics.median(timed_generate(generate, synthetic_prompt(args.prompt_tokens, vocab, run), args.gen_tokens)[1]
-                           for run in range(1, args.runs + 1)), tokens
-
-def bench_sampled(model, args) -> dict:
-  """Decode tokens/s with the chat's default sampling, seeded (median of --runs)."""
-  from tg_llama.cli import build_parser, sampling_from
-  sampling = sampling_from(build_parser().parse_args(["chat"]))
-  decode, _ = median_decode(lambda prompt, n: model.generate(prompt, n, sampling), args, model.config.vocab_size)
-  return {"sampled_decode_tok_s": decode, "sampling": {k: getattr(sampling, k) for k in ("temperature", "top_p", "repetition_penalty")}}
 
 # objects in an array that must hold more than any run generates: structure and strings, never complete
 BENCH_SCHEMA = {"type": "array", "minItems": 1000, "items": {"type": "object", "properties": {
   "name": {"type": "string", "maxLength": 16}, "age": {"type": "integer"}, "tags": {"type": "array", "items": {"enum": ["a", "b"]}}},
   "required": ["name", "age", "tags"]}}
 
-def bench_constrained(model, args) -> dict:
-  """Decode tokens/s under BENCH_SCHEMA (median of --runs), and the matcher's microseconds per token; nothing for a
-  checkpoint without a tokenizer (the grammar is over token bytes)."""
-  from tg_llama import constraint
+def has_tokenizer(model) -> bool:
   from tg_llama.errors import CheckpointError
   try: model.tokenizer
-  except CheckpointError: return {}
-  vocab = model.config.vocab_size
-  decode, tokens = median_decode(lambda prompt, n: model.generate(prompt, n, json_schema=BENCH_SCHEMA), args, vocab)
-  matcher, row = constraint.compile(model.tokenizer, json_schema=BENCH_SCHEMA).matcher(), np.zeros(constraint.words(vocab), dtype=np.int32)
+  except CheckpointError: return False
+  return True
+
+def matcher_us(model, tokens: list[int]) -> float:
+  """BENCH_SCHEMA's matcher's microseconds per token (mask and advance) over these tokens."""
+  from tg_llama import constraint
+  matcher, row = constraint.compile(model.tokenizer, json_schema=BENCH_SCHEMA).matcher(), np.zeros(constraint.words(model.config.vocab_size), dtype=np.int32)
   start = time.perf_counter()
   for t in tokens:
     matcher.fill(row)
     matcher.consume(t)
-  return {"constrained_decode_tok_s": decode, "matcher_us_per_token": (time.perf_counter() - start) / len(tokens) * 1e6}
+  return (time.perf_counter() - start) / len(tokens) * 1e6
 
 def bench_transformers(args, path: pathlib.Path, vocab: int) -> dict:
   try:
@@ -279,7 +274,7 @@ def table(result: dict) -> str:
           f"numpy copy {copy:.1f} GB/s (read + write)")
   knobs = ", ".join(f"{k} {v}" for k, v in ours["sampling"].items())
   notes.append(f"tg-llama with the chat's sampling ({knobs}): {ours['sampled_decode_tok_s']:.1f} decode tok/s "
-               f"({100 * ours['sampled_decode_tok_s'] / ours['decode_tok_s']:.0f}% of greedy)")
+               f"({100 * ours['sampled_decode_tok_s'] / ours['decode_tok_s']:.0f}% of greedy, their runs taken in turn)")
   notes.append(f"peak RSS {ours['peak_rss_mb']:.0f} MB {'within' if ours['rss_within_bound'] else 'OVER'} the bound of "
                f"{ours['rss_bound_mb']:.0f} MB = {RSS_SLACK} x (checkpoint {ours['checkpoint_mb']:.0f} MB + KV cache {ours['kv_cache_mb']:.0f} MB); "
                f"{ours['peak_rss_mb'] - ours['runtime_rss_mb']:.0f} MB over the {ours['runtime_rss_mb']:.0f} MB the process held before the model "

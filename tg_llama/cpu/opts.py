@@ -30,7 +30,7 @@ import tinygrad.engine.worker as worker
 from tinygrad import dtypes
 from tinygrad.codegen.opt import KernelOptError, Opt, OptOps
 from tinygrad.codegen.opt.postrange import Scheduler
-from tinygrad.helpers import NUM_CPU_THREADS, PARALLEL, getenv
+from tinygrad.helpers import NUM_CPU_THREADS, PARALLEL, getenv, prod
 from tinygrad.uop.ops import AxisType, Ops, UOp
 from tg_llama.cpu import LAYOUT, fall_back
 
@@ -119,6 +119,13 @@ def rule(k) -> tuple[str, list[Opt]] | None:
     axis = thread_axis([0])
     return "prefill matmul", ([Opt(OptOps.THREAD, axis, threads)] if axis is not None else []) + \
            [Opt(OptOps.UPCAST, 2, shape[2]), Opt(OptOps.UPCAST, 1, 4), Opt(OptOps.UNROLL, 0, 4)]
+  # the sums of the sampler's searches over a batch of rows (tg_llama/sampling.py's _largest): rows x candidates x partial
+  # sums x a piece of the vocabulary, all known. Threads over the partial sums, 4 of them times every candidate in
+  # registers, the piece unrolled by 4: measured 4 rows x 3 x 256 x 192 on one core 139 us (tinygrad's: the rows upcast
+  # as well) -> 70 us. One row's is a batch matmul (candidates x partial sums x piece)
+  if len(shape) == 4 and reduce == [3] and all(known) and 2 <= shape[0] <= 8 and 2 <= shape[1] <= 8 and shape[2] % (4 * threads) == 0 and shape[3] % 4 == 0:
+    return "batch sums", ([Opt(OptOps.THREAD, 2, threads)] if threads > 1 else []) + \
+           [Opt(OptOps.UPCAST, 2, 4), Opt(OptOps.UPCAST, 1, shape[1]), Opt(OptOps.UNROLL, 0, 4)]
   # a quantized weight decoded into a prefill chunk's panels (linear.matmul; Q4 blocks: panels x blocks x the block's two
   # halves x its bytes x the panel's rows, nothing reduced): the panel's 16 rows one vector, threads over the panels
   # (each row's block a step of its own), measured on 2 cores: 1536x576 0.38 -> 0.23 ms, 576x576 0.16 -> 0.10 ms,
@@ -177,7 +184,25 @@ def applied(k, opts):
 
 def hand_coded_optimizations(k):
   """tinygrad's heuristic, with our choice for the CPU kernels that are ours to choose."""
-  return cpu_optimizations(k) or _theirs(k)
+  return cpu_optimizations(k) or threaded(_theirs(k))
+
+# tinygrad splits a kernel over the cores from 128K elements a core. graph.py's runner keeps a thread per core, so
+# smaller kernels gain too: the sampler's, over the vocabulary (SmolLM2's 49,152 tokens: 12-84 us each on one core), ran
+# on one core. From 8K elements a core, one row's sampling 0.76 -> 0.49 ms (a decode step's other kernels are ours or
+# smaller); 16K: 0.54, 4K: 0.48
+MIN_THREAD_ELEMENTS = 8192
+
+def threaded(k):
+  """tinygrad's choice for a CPU kernel, split over the cores from MIN_THREAD_ELEMENTS elements a core."""
+  threads = NUM_CPU_THREADS.value
+  if k.ren.target.device != "CPU" or threads < 2 or any(o.op is OptOps.THREAD for o in k.applied_opts): return k
+  if not all(isinstance(s, int) for s in k.full_shape) or prod(k.full_shape) < MIN_THREAD_ELEMENTS * threads: return k
+  for axis in k.axes_of(AxisType.WEAK):
+    if k.full_shape[axis] % threads == 0:
+      try: k.apply_opt(Opt(OptOps.THREAD, axis, threads))
+      except KernelOptError: pass
+      break
+  return k
 
 def missing(owner, *names: str) -> list[str]:
   """The names of `names` that `owner` (a tinygrad module or class) lacks, as '<owner>.<name>'."""

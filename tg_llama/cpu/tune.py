@@ -46,7 +46,8 @@ from tg_llama.backend import cache_folder
 from tg_llama.cpu import graph, opts
 
 FORMAT = 1
-KINDS = ("matvec", "decode scores", "prefill scores", "batch matvec", "batch matmul", "prefill matmul", "decode values", "prefill values", "panel pack")
+KINDS = ("matvec", "decode scores", "prefill scores", "batch matvec", "batch matmul", "batch sums", "prefill matmul", "decode values",
+         "prefill values", "panel pack")
 OPS = ("THREAD", "UPCAST", "UNROLL")  # the only opts a table may hold: what CANDIDATES try
 FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "asimd", "sve")  # what the kernels' code depends on
 MIN_GAIN = 1.03       # a variant must beat the default by this much to replace it
@@ -242,6 +243,10 @@ def _batch_matvec(shape):  # batch x rows x (K/A) x A: the batch a loop, or upca
 def _batch_matmul(shape):  # batch x rows x K: the batch times 2-8 rows in registers, K unrolled by 4 or 8
   return [[U(1, r), U(0, shape[0]), R(0, k)] for r in (4, 2, 8) for k in (4, 8)]
 
+def _batch_sums(shape):  # rows x candidates x partial sums x piece: 2-8 partial sums times the candidates (and 2 rows), piece unrolled by 4 or 8
+  c = shape[1]
+  return [[U(2, 4), U(1, c), R(0, 8)], [U(2, 8), U(1, c), R(0, 4)], [U(2, 2), U(1, c), R(0, 4)], [U(2, 4), U(1, c), U(0, 2), R(0, 4)]]
+
 def _prefill_matmul(shape):  # panels x tokens x panel rows x K: the panel's rows whole times 2-8 tokens, K unrolled by 2-8
   return [[U(2, shape[2]), U(1, tokens), R(0, k)] for tokens, k in ((4, 4), (8, 4), (2, 4), (4, 2), (4, 8), (8, 2), (2, 8))]
 
@@ -255,7 +260,7 @@ def _values(shape):  # ... x hd, reduced over the positions (decode's and a pref
 # each kind's variants (after the default's THREAD), by the kernel's shape
 CANDIDATES: dict[str, Callable[[tuple[int, ...]], list[list[Opt]]]] = {
   "matvec": _matvec, "decode scores": _decode_scores, "prefill scores": _prefill_scores, "batch matvec": _batch_matvec,
-  "batch matmul": _batch_matmul, "prefill matmul": _prefill_matmul, "decode values": _values, "prefill values": _values,
+  "batch matmul": _batch_matmul, "batch sums": _batch_sums, "prefill matmul": _prefill_matmul, "decode values": _values, "prefill values": _values,
   "panel pack": _panel_pack}
 
 def candidates(kernel: Kernel) -> list[tuple[Opt, ...]]:
