@@ -189,7 +189,10 @@ def test_a_tuned_choice_against_another_default_is_not_used(monkeypatch):
 
 def test_the_graph_key_follows_the_choices_in_use(monkeypatch):
   monkeypatch.setattr(opts, "TUNED", {})
-  assert tune.fingerprint() == ""
+  monkeypatch.setattr(opts, "BATCH_LOOP", True)
+  loop = tune.fingerprint()
+  opts.BATCH_LOOP = False
+  assert tune.fingerprint() == "" != loop
   opts.TUNED[("matvec", (96, 8, 16), ())] = (Opt(OptOps.UPCAST, 0, 2),)
   first = tune.fingerprint()
   opts.TUNED[("matvec", (96, 8, 16), ())] = (Opt(OptOps.UPCAST, 0, 4),)
@@ -211,6 +214,15 @@ def test_a_machine_without_a_table_is_probed_once_and_keeps_the_probes_table(tmp
   assert opts.TUNED == {} and tune.describe(tmp_path).startswith(f"defaults, a quantized decode batch {'as a loop' if loop else 'upcast'} (probed on ")
   tune.install()
   assert len(probed) == 1  # the table is this machine's now
+
+def test_a_probe_that_fails_leaves_the_defaults_with_one_warning(tmp_path, monkeypatch):
+  monkeypatch.setattr(opts, "TUNED", {})
+  monkeypatch.setattr(opts, "BATCH_LOOP", True)
+  monkeypatch.setattr(tune, "cache_folder", lambda name: tmp_path)
+  monkeypatch.setattr(tune, "probe", lambda: 1 / 0)
+  with pytest.warns(RuntimeWarning, match=r"probing this CPU's decode batch failed \(ZeroDivisionError: division by zero\); using the defaults"):
+    tune.install()
+  assert opts.BATCH_LOOP is False and tune.read_tables(tmp_path) == []  # nothing kept: probed again next time
 
 @pytest.mark.parametrize("batch_loop", [False, True])
 def test_a_quantized_decode_batch_is_numpys_product_as_a_loop_or_upcast(batch_loop, monkeypatch):

@@ -180,7 +180,10 @@ def install() -> None:
   cache folder) where it has none."""
   opts.install()
   if (t := this_machines(read_tables(folder := cache_folder("cpu")))) is None and folder is not None:
-    loop, _ = probe()
+    try: loop, _ = probe()
+    except Exception as e:  # a bug of ours or a tinygrad change: the defaults serve, slower on some CPUs
+      warnings.warn(f"probing this CPU's decode batch failed ({type(e).__name__}: {e}); using the defaults", RuntimeWarning, stacklevel=2)
+      return
     write(t := Table(machine(), datetime.date.today().isoformat(), "", (), loop), folder)
   if t is not None: opts.install(t.choices(), t.batch_loop)
 
