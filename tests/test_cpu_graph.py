@@ -98,21 +98,24 @@ def attention_numpy(q, k, v, start):
 
 def test_prefill_attention_matches_numpy():
   cpu_opts.install()
-  B, H, KvH, T, hd, ctx = 1, 6, 2, 32, 64, 128  # a chunk of 32 queries, 3 a KV head: the CPU's rules take these kernels
+  B, H, KvH, T, hd, ctx = 1, 6, 2, 64, 64, 192  # a chunk of 64 queries, 3 a KV head: the CPU's rules take these kernels
   rng = np.random.default_rng(3)
   cache = Tensor(rng.standard_normal((2, B, KvH, ctx, hd)).astype(np.float32)).realize()
   v_start = UOp.variable("start_pos", 0, ctx - T)
   attend = lambda q, start: prefill_attention(q, cache[0, :, :, 0:start + T], cache[1, :, :, 0:start + T]).realize()
   kernels = tune.record(lambda: attend(Tensor.empty(B, H, T, hd).realize(), v_start.bind(5)))
   assert {k.kind for k in kernels} == {"prefill scores", "prefill values"}
-  # the weights x values product (its last output axis hd), not the softmax's reductions over the cache length (G*T = 96)
+  # the weights x values product (its last output axis hd), not the softmax's reductions over the cache length (G*T = 192)
   assert [k.shape[-2] for k in kernels if k.kind == "prefill values"] == [hd]
   jit = Jit(attend)
-  for start in (0, 7, 64, 96, 3):
+  for start in (0, 7, 64, 96, 3, 128):
     q = rng.standard_normal((B, H, T, hd)).astype(np.float32)
     got = jit(Tensor(q).realize(), v_start.bind(start)).numpy()
     k, v = cache.numpy()[0, :, :, :start + T], cache.numpy()[1, :, :, :start + T]
     np.testing.assert_allclose(got, attention_numpy(q, k, v, start), atol=1e-5, rtol=1e-5)
+  # every kernel over the cache length, the softmax's too (tinygrad leaves a symbolic size on one core), on every core
+  over_cache = [c.src[0].arg for c in jit.captured.linear.src if "start_pos" in c.src[0].arg.name]
+  assert len(over_cache) >= 4 and all(p.global_size[0] == NUM_CPU_THREADS.value for p in over_cache), [(p.name, p.global_size) for p in over_cache]
 
 @pytest.mark.parametrize("n_lanes", [None, 1, 16])  # the CPU's layout (64 lanes here), the plain product, and 16 lanes
 def test_one_token_product_matches_numpy(n_lanes):

@@ -196,9 +196,11 @@ def threaded(k):
   """tinygrad's choice for a CPU kernel, split over the cores from MIN_THREAD_ELEMENTS elements a core."""
   threads = NUM_CPU_THREADS.value
   if k.ren.target.device != "CPU" or threads < 2 or any(o.op is OptOps.THREAD for o in k.applied_opts): return k
-  if not all(isinstance(s, int) for s in k.full_shape) or prod(k.full_shape) < MIN_THREAD_ELEMENTS * threads: return k
+  # a symbolic size counts as its least: a prefill chunk's cache length (start_pos + T) as T, whose softmax over it ran on
+  # one core (3 x 64 x 192 elements and more a layer); a decoded token's (start_pos + 1) as 1
+  if prod(s if isinstance(s, int) else s.vmin for s in k.full_shape) < MIN_THREAD_ELEMENTS * threads: return k
   for axis in k.axes_of(AxisType.WEAK):
-    if k.full_shape[axis] % threads == 0:
+    if isinstance(k.full_shape[axis], int) and k.full_shape[axis] % threads == 0:
       try: k.apply_opt(Opt(OptOps.THREAD, axis, threads))
       except KernelOptError: pass
       break

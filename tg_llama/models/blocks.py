@@ -5,7 +5,7 @@ from __future__ import annotations
 import math
 from typing import Callable, Sequence
 import numpy as np
-from tinygrad import Tensor, UOp
+from tinygrad import Tensor, UOp, dtypes
 from tinygrad.uop.ops import resolve
 from tg_llama.backend import KernelLayout, kernel_layout
 from tg_llama.config import LlamaConfig
@@ -47,16 +47,22 @@ def prefill_attention(q: Tensor, keys: Tensor, values: Tensor) -> Tensor:
   the queries are laid out (hd, G*T): a key row's value times T consecutive queries is a vector multiply-add, each score
   a sum of multiply-adds in its own place. Laid out (G*T, hd), as scaled_dot_product_attention has them, each score is a
   dot product summed across a vector at the end: on DEV=CPU the scores ran 5-8x slower, and attention took 40% of a
-  64-token chunk's time at 256 positions, 19% now (tg_llama/cpu/opts.py's prefill scores and values). The same numbers as
-  scaled_dot_product_attention, accumulated in float32."""
+  64-token chunk's time at 256 positions, 19% then (tg_llama/cpu/opts.py's prefill scores and values). The softmax runs
+  over the cache length where the scores lie, (P, G*T), and the weights x values product reads them so: transposed to
+  (G*T, P) first, a 64-token chunk at 960 positions took 806 ms of kernels on one core (105 of them the mask's arange),
+  now 614, and the softmax's kernels are split over the cores (tg_llama/cpu/opts.py's threaded).
+  The same numbers as scaled_dot_product_attention, accumulated in float32."""
   B, H, T, hd = q.shape
   KvH, P = keys.shape[1], keys.shape[2]
   G = H // KvH
   qt = q.float().reshape(B, KvH, G * T, hd).transpose(-1, -2).contiguous().reshape(B, KvH, 1, hd, G * T)
   scores = (qt * keys.float().reshape(B, KvH, -1, hd, 1)).sum(-2) * (1 / math.sqrt(hd))  # (B, KvH, P, G*T)
-  future = Tensor.arange(P).reshape(-1, 1, 1) > (Tensor.arange(T) + (P - T)).reshape(1, 1, -1)  # (P, 1, T): key after query
-  scores = future.where(float("-inf"), scores.reshape(B, KvH, -1, G, T)).reshape(B, KvH, -1, G * T).transpose(-1, -2)
-  out = (scores.softmax(-1).unsqueeze(-1) * values.float().reshape(B, KvH, 1, -1, hd)).sum(-2)  # (B, KvH, G*T, hd)
+  # (P, 1, T): key after query, which only the last T keys can be: a constant triangle below the earlier keys (an arange
+  # over the symbolic P is a cumsum, a P x P kernel in every layer)
+  future = Tensor.ones(T, T, device=q.device).tril(-1).cast(dtypes.bool).reshape(T, 1, T).pad(((P - T, 0), None, None), value=False)
+  scores = future.where(float("-inf"), scores.reshape(B, KvH, -1, G, T)).reshape(B, KvH, -1, G * T)
+  e = (scores - scores.max(-2, keepdim=True)).exp()
+  out = ((e / e.sum(-2, keepdim=True)).unsqueeze(-1) * values.float().reshape(B, KvH, -1, 1, hd)).sum(-3)  # (B, KvH, G*T, hd)
   return out.reshape(B, H, T, hd).cast(q.dtype)
 
 class Attention:
