@@ -48,9 +48,10 @@ def prefill_attention(q: Tensor, keys: Tensor, values: Tensor) -> Tensor:
   a sum of multiply-adds in its own place. Laid out (G*T, hd), as scaled_dot_product_attention has them, each score is a
   dot product summed across a vector at the end: on DEV=CPU the scores ran 5-8x slower, and attention took 40% of a
   64-token chunk's time at 256 positions, 19% then (tg_llama/cpu/opts.py's prefill scores and values). The softmax runs
-  over the cache length where the scores lie, (P, G*T), and the weights x values product reads them so: transposed to
-  (G*T, P) first, a 64-token chunk at 960 positions took 806 ms of kernels on one core (105 of them the mask's arange),
-  now 614, and the softmax's kernels are split over the cores (tg_llama/cpu/opts.py's threaded).
+  over the cache length where the scores lie, (P, G*T), its exponentials computed once (its sum fused them in again), and
+  the weights x values product reads them so; its kernels are split over the cores (tg_llama/cpu/opts.py's threaded).
+  Before, transposed to (G*T, P), with an arange for the mask: a 64-token chunk at 960 positions took 455 ms on 2 cores,
+  now 285 (at 192 positions 216 -> 193; the two graphs replayed in turn in one process, median of 7).
   The same numbers as scaled_dot_product_attention, accumulated in float32."""
   B, H, T, hd = q.shape
   KvH, P = keys.shape[1], keys.shape[2]
@@ -61,7 +62,7 @@ def prefill_attention(q: Tensor, keys: Tensor, values: Tensor) -> Tensor:
   # over the symbolic P is a cumsum, a P x P kernel in every layer)
   future = Tensor.ones(T, T, device=q.device).tril(-1).cast(dtypes.bool).reshape(T, 1, T).pad(((P - T, 0), None, None), value=False)
   scores = future.where(float("-inf"), scores.reshape(B, KvH, -1, G, T)).reshape(B, KvH, -1, G * T)
-  e = (scores - scores.max(-2, keepdim=True)).exp()
+  e = (scores - scores.max(-2, keepdim=True)).exp().contiguous()  # once: its sum would compute it again
   out = ((e / e.sum(-2, keepdim=True)).unsqueeze(-1) * values.float().reshape(B, KvH, -1, 1, hd)).sum(-3)  # (B, KvH, G*T, hd)
   return out.reshape(B, H, T, hd).cast(q.dtype)
 
