@@ -228,12 +228,13 @@ def test_load_40_requests_8_at_once_a_quarter_cancelled(served):
         prompt = f"Count from {i} to {i + 20}:"
         stream = await client.completions.create(model=MODEL_ID, prompt=prompt, max_tokens=5 + i % 3, temperature=0.7, seed=i,
                                                  stream=True, stream_options={"include_usage": True})
-        chunks = []
+        chunks, hang_up = [], False
         async for c in stream:
           chunks.append(c)
-          if i % 4 == 0 and len(chunks) == 2:  # this client hangs up mid-stream
-            await stream.close()
-            return results.append(("cancelled", chunks))
+          if hang_up := i % 4 == 0 and len(chunks) == 2: break  # this client hangs up mid-stream
+        if hang_up:
+          await stream.close()  # out of the loop: closed inside it, the stream's generator is finalized while it runs
+          return results.append(("cancelled", chunks))
         results.append(("done", chunks))
     await asyncio.wait_for(asyncio.gather(*(one(i) for i in range(40))), 240)  # ~10 s on an idle machine
     await client.close()
