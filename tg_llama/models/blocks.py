@@ -25,14 +25,20 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
   cos, sin = cos.cast(x.dtype), sin.cast(x.dtype)
   return (x1 * cos - x2 * sin).cat(x2 * cos + x1 * sin, dim=-1)
 
+def softmax(x: Tensor, axis: int) -> Tensor:
+  """Tensor.softmax's numbers, its exponentials computed once: left to fuse, the sum's kernel computes them again
+  (on the CPU tinygrad's exp2 is a polynomial, several ns an element)."""
+  e = (x - x.max(axis, keepdim=True)).exp().contiguous()
+  return e / e.sum(axis, keepdim=True)
+
 def decode_attention(q: Tensor, keys: Tensor, values: Tensor, layout: KernelLayout = KernelLayout()) -> Tensor:
   """Attention of one query position over the cache: q (B, H, 1, hd), keys and values (B, KvH, P, hd), P symbolic.
   Each key row serves its G = H/KvH query heads without being repeated. The scores' dot products are written in the
   backend's layout: in `layout.dot_lanes` partial sums, and with an odd G padded to an even one (a zero query head, sliced
   off below) where `layout.even_groups` (the CPU's, tg_llama/cpu/: its attention kernels split over two cores then).
-  The softmax's exponentials are computed once (its sum's kernel computed them again, tinygrad's exp2 a polynomial on the
-  CPU): one token at 960 positions 13.7 -> 11.6 ms a step, at 300 9.9 -> 9.4 (4 rows at 960: 71 -> 63 ms; both graphs
-  replayed in turn in one process, 2 cores). The same numbers as scaled_dot_product_attention, accumulated in float32."""
+  The softmax's exponentials are computed once (softmax above): one token at 960 positions 13.7 -> 11.6 ms a step, at
+  300 9.9 -> 9.4 (4 rows at 960: 71 -> 63 ms; both graphs replayed in turn in one process, 2 cores). The same numbers
+  as scaled_dot_product_attention, accumulated in float32."""
   B, H, _, hd = q.shape
   KvH = keys.shape[1]
   G = H // KvH
@@ -40,8 +46,7 @@ def decode_attention(q: Tensor, keys: Tensor, values: Tensor, layout: KernelLayo
   if layout.even_groups and G % 2: qg = qg.pad((None, None, (0, 1), None, None))
   lanes = layout.dot_lanes if hd % layout.dot_lanes == 0 else 1
   scores = dot(qg, keys.float().reshape(B, KvH, 1, -1, hd), lanes) * (1 / math.sqrt(hd))  # (B, KvH, G, P)
-  e = (scores - scores.max(-1, keepdim=True)).exp().contiguous()  # once: the softmax's sum would compute them again
-  out = ((e / e.sum(-1, keepdim=True)).unsqueeze(-1) * values.float().reshape(B, KvH, 1, -1, hd)).sum(-2).contiguous()  # (B, KvH, G, hd)
+  out = (softmax(scores, -1).unsqueeze(-1) * values.float().reshape(B, KvH, 1, -1, hd)).sum(-2).contiguous()  # (B, KvH, G, hd)
   return out[:, :, :G].reshape(B, H, 1, hd).cast(q.dtype)
 
 def prefill_attention(q: Tensor, keys: Tensor, values: Tensor) -> Tensor:
@@ -51,7 +56,7 @@ def prefill_attention(q: Tensor, keys: Tensor, values: Tensor) -> Tensor:
   a sum of multiply-adds in its own place. Laid out (G*T, hd), as scaled_dot_product_attention has them, each score is a
   dot product summed across a vector at the end: on DEV=CPU the scores ran 5-8x slower, and attention took 40% of a
   64-token chunk's time at 256 positions, 19% then (tg_llama/cpu/opts.py's prefill scores and values). The softmax runs
-  over the cache length where the scores lie, (P, G*T), its exponentials computed once (its sum fused them in again), and
+  over the cache length where the scores lie, (P, G*T), its exponentials computed once (softmax above), and
   the weights x values product reads them so; its kernels are split over the cores (tg_llama/cpu/opts.py's threaded).
   Before, transposed to (G*T, P), with an arange for the mask: a 64-token chunk at 960 positions took 455 ms on 2 cores,
   now 285 (at 192 positions 216 -> 193; the two graphs replayed in turn in one process, median of 7).
@@ -65,8 +70,7 @@ def prefill_attention(q: Tensor, keys: Tensor, values: Tensor) -> Tensor:
   # over the symbolic P is a cumsum, a P x P kernel in every layer)
   future = Tensor.ones(T, T, device=q.device).tril(-1).cast(dtypes.bool).reshape(T, 1, T).pad(((P - T, 0), None, None), value=False)
   scores = future.where(float("-inf"), scores.reshape(B, KvH, -1, G, T)).reshape(B, KvH, -1, G * T)
-  e = (scores - scores.max(-2, keepdim=True)).exp().contiguous()  # once: its sum would compute it again
-  out = ((e / e.sum(-2, keepdim=True)).unsqueeze(-1) * values.float().reshape(B, KvH, -1, 1, hd)).sum(-3)  # (B, KvH, G*T, hd)
+  out = (softmax(scores, -2).unsqueeze(-1) * values.float().reshape(B, KvH, -1, 1, hd)).sum(-3)  # (B, KvH, G*T, hd)
   return out.reshape(B, H, T, hd).cast(q.dtype)
 
 class Attention:
