@@ -28,7 +28,16 @@ class Src(tuple):
   """A fixture's value, shown short in hypothesis' reports."""
   def __repr__(self): return "<source files>"
 
-def workdir() -> pathlib.Path: return pathlib.Path(tempfile.mkdtemp(prefix="tg_fuzz_"))
+_examples_dir: list[pathlib.Path] = []
+
+@pytest.fixture(scope="module", autouse=True)
+def examples_dir(tmp_path_factory):
+  """Every example's files under pytest's temporary folder (which pytest prunes), not loose in the system's /tmp."""
+  _examples_dir[:] = [tmp_path_factory.mktemp("fuzz_examples")]
+  yield
+  shutil.rmtree(_examples_dir.pop(), ignore_errors=True)
+
+def workdir() -> pathlib.Path: return pathlib.Path(tempfile.mkdtemp(prefix="ex_", dir=_examples_dir[0]))
 
 # values of every JSON type, weighted towards the numbers that break arithmetic
 EDGE_INTS = st.sampled_from([0, -1, 1, 2, 3, 7, 24, 64, 2**31, 2**32 + 1, 2**40, 2**63, 2**64 - 1, 10**12, -(2**63)])
