@@ -38,6 +38,16 @@ def test_replay_from_c_equals_tinygrads(tiny_path, monkeypatch):
   np.testing.assert_array_equal(ours[0], theirs[0])
   assert ours[1] == theirs[1]
 
+def test_written_buffers_are_tinygrads(tiny_path, monkeypatch):
+  model = tg_llama.load(tiny_path, max_context=96, graph_cache=False)
+  model.logits(PROMPT + [5] * 70)
+  list(model.generate(PROMPT, 4))
+  graphs = {name: jit.captured for name, jit in model.runner.jits().items() if isinstance(jit.captured, cpu_graph.ThreadedJit)}
+  assert {"prefill", "decode1", "greedy1"} <= set(graphs)
+  for c in graphs.values():  # tinygrad's own set, found through its symbolic contiguous_view, on a plain CapturedJit of the same graph
+    theirs = CapturedJit(c.ret, c._linear, c.expected_names, c.expected_input_info)._written_uops
+    assert theirs and c.written == theirs == cpu_graph.written_buffers(c.linear)
+
 def test_threaded_jit_pickles_as_tinygrads(tiny_path, monkeypatch):
   captured = run(tiny_path, monkeypatch, graph=True)[2]
   assert type(pickle.loads(pickle.dumps(captured))) is CapturedJit  # graph files hold nothing of ours

@@ -76,6 +76,7 @@ def test_second_process_replays_without_capture(first, tmp_path):
   second = run(cache, first[1]["path"])
   assert second["loaded"] == JITS and all(second["cnt"][name] >= 2 for name in JITS)
   assert second["calls"] == {}  # no JIT function ran in Python: nothing was scheduled or captured
+  assert second["tinygrad_replays"] == 0  # every loaded graph ran on the CPU's runner from its first call
   same_answers(second, first[1])
   assert {f: f.stat().st_ino for f in graph_files(cache)} == before and second["warnings"] == []  # not rewritten: nothing new
 
@@ -196,6 +197,9 @@ def mode_run(path: str, prompt: str, context: str, graph_cache: str, devices: st
   from tg_llama.sampling import SamplingParams
   PROMPT = [int(i) for i in prompt.split(",")]
   model = tg_llama.load(path, max_context=int(context), graph_cache=graph_cache == "1", devices=int(devices))
+  from tinygrad.engine.jit import CapturedJit
+  replays, replay = [], CapturedJit.__call__  # tinygrad's own replay, one kernel at a time from Python (not the CPU runner's)
+  CapturedJit.__call__ = lambda self, *a, **kw: replays.append(1) or replay(self, *a, **kw)
   jits, calls = model_jits(model), {}
   for name, jit in jits.items():  # a capture calls the function in Python; a replay never does
     jit.fxn = lambda *a, _f=jit.fxn, _name=name, **kw: calls.update({_name: calls.get(_name, 0) + 1}) or _f(*a, **kw)
@@ -213,6 +217,7 @@ def mode_run(path: str, prompt: str, context: str, graph_cache: str, devices: st
     model.runner.prefill(0, PROMPT, 0)
     steps = [model.runner.decode([(0, len(PROMPT) + i, t)]).numpy()[0].tolist() for i, t in enumerate(FORCED)]
   return {"path": path, "loaded": None if loaded is None else sorted(loaded), "cnt": cnt, "calls": dict(sorted(calls.items())),
+          "tinygrad_replays": len(replays),
           "logits": logits.tolist(), "greedy": greedy, "sampled": sampled, "steps": steps,
           "file": None if model.graphs is None else str(model.graphs.path),
           "warnings": [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]}

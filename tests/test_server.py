@@ -1,6 +1,6 @@
 """The OpenAI-compatible server, for real: uvicorn in a thread of this process on a free port of 127.0.0.1, the default
 model (SmolLM2-135M-Instruct) behind it, the official `openai` client (and httpx for what it cannot send) in front."""
-import asyncio, json, os, shutil, time
+import asyncio, json, os, shutil, tempfile, time
 import httpx, numpy as np, pytest
 openai = pytest.importorskip("openai")
 uvicorn = pytest.importorskip("uvicorn")
@@ -251,7 +251,7 @@ def test_load_40_requests_8_at_once_a_quarter_cancelled(served):
 
 # *** the chat page in a browser ***
 
-def test_the_chat_page_streams_an_answer(served, tmp_path):
+def test_the_chat_page_streams_an_answer(served):
   if not (shutil.which("chromium") and shutil.which("chromedriver")):
     pytest.skip("the browser test needs Debian's chromium and chromium-driver: apt-get install chromium chromium-driver")
   webdriver = pytest.importorskip("selenium.webdriver")
@@ -262,9 +262,11 @@ def test_the_chat_page_streams_an_answer(served, tmp_path):
   opts = webdriver.ChromeOptions()
   for arg in ("--headless=new", "--no-sandbox", "--disable-dev-shm-usage", "--disable-gpu"): opts.add_argument(arg)
   opts.binary_location = shutil.which("chromium")
-  opts.add_argument(f"--user-data-dir={tmp_path / 'profile'}")
-  service = Service(shutil.which("chromedriver"), env={**os.environ, "TMPDIR": str(tmp_path)})  # chromium's own temporary folders too
-  driver = webdriver.Chrome(service=service, options=opts)
+  # chromium's profile and temporary folders in one of ours, removed afterwards (a killed chromium leaves its own in /tmp);
+  # a short path, as its singleton socket's must fit a unix socket address (108 bytes), which pytest's tmp_path need not
+  tmp = tempfile.TemporaryDirectory(prefix="tg-chromium-")
+  opts.add_argument(f"--user-data-dir={tmp.name}/profile")
+  driver = webdriver.Chrome(service=Service(shutil.which("chromedriver"), env={**os.environ, "TMPDIR": tmp.name}), options=opts)
   try:
     driver.get(served.url + "/")
     assert MODEL_ID in driver.find_element(By.ID, "model").text
@@ -289,5 +291,7 @@ def test_the_chat_page_streams_an_answer(served, tmp_path):
     assert driver.execute_script("return messages.length") == 4
     driver.find_element(By.ID, "new").click()
     assert driver.find_elements(By.CSS_SELECTOR, ".msg") == [] and driver.execute_script("return messages.length") == 0
-  finally: driver.quit()
+  finally:
+    driver.quit()
+    tmp.cleanup()
   wait_idle(served)

@@ -84,6 +84,8 @@ class Model:
   @cached_property
   def tokenizer(self) -> Tokenizer:
     """The checkpoint's own tokenizer (from the GGUF, or the files beside the weights)."""
+    if self.checkpoint.format == "gguf":  # its metadata, read when the file was opened
+      return Tokenizer.from_gguf_metadata(self.checkpoint.metadata, str(self.checkpoint.path))
     return load_tokenizer(self.checkpoint.path)
 
   def logits(self, token_ids: list[int]) -> np.ndarray:

@@ -15,7 +15,7 @@ from tinygrad.dtype import DType
 from tg_llama.config import LlamaConfig
 from tg_llama.errors import CheckpointError, TgLlamaError, UnsupportedModelError
 from tg_llama.formats import gguf, hf, meta
-from tg_llama import models
+from tg_llama import models, transfer
 
 # in the source but not weights of the model: RoPE tables that the config already describes
 IGNORED = re.compile(r"(rope\.freqs|rope_freqs\.weight|.*rotary_emb\.inv_freq)$")
@@ -48,8 +48,8 @@ class Checkpoint:
   shapes: dict[str, tuple[int, ...]]              # canonical name -> shape, known without reading any data
   metadata: dict                                  # the source's own config dict / GGUF key-values
   raw_dtypes: dict[str, str]                      # canonical name -> the stored dtype or quant type
-  blocks: dict[str, Callable[[str], Tensor]] = field(default_factory=dict)  # GGUF: canonical name -> (device -> raw
-                                                  # blocks, uint8 (..., rows, bytes per row), fixed up as the tensor is)
+  blocks: dict[str, Callable[[], np.ndarray]] = field(default_factory=dict)  # GGUF: canonical name -> (() -> raw blocks
+                                                  # in host memory, uint8 (..., rows, bytes per row), fixed up as the tensor is)
 
 def detect_format(path: pathlib.Path) -> str:
   if not path.exists(): raise CheckpointError(f"{path}: no such file or directory")
@@ -145,17 +145,28 @@ def _open_gguf(path: pathlib.Path) -> Checkpoint:
     if IGNORED.match(src): continue
     if src not in to_canonical: raise CheckpointError(f"{path}: unexpected tensor {src} for a {config.arch} model")
     name = to_canonical[src]
-    tensors[name] = lambda dev, name=name, info=info: _sanitize(config, "gguf", name, gguf.load_tensor(disk, info, dev))
-    blocks[name] = lambda dev, name=name, info=info: _sanitize(config, "gguf", name, _raw_rows(disk, info, dev))
+    tensors[name] = lambda dev, name=name, info=info: _gguf_tensor(config, path, disk, name, info, dev)
+    blocks[name] = lambda name=name, info=info: _sanitize(config, "gguf", name, _read(path, info).reshape(*info.shape[:-1], -1))
     shapes[name], raw_dtypes[name] = info.shape, gguf.ggml_type_name(info.ggml_type)
   if "lm_head.weight" not in tensors and "model.embed_tokens.weight" in tensors:  # GGUF has no flag: llama.cpp ties a missing output
     config = _tied(config)
     _tie(tensors, shapes, raw_dtypes, blocks)
   return Checkpoint(path, "gguf", config, tensors, shapes, kv, raw_dtypes, blocks)
 
-def _raw_rows(disk: Tensor, info: gguf.GGUFTensorInfo, device: str) -> Tensor:
-  """A GGUF tensor's bytes as stored, on `device`: uint8 (..., rows, bytes per row)."""
-  return disk[info.offset:info.offset + info.nbytes].to(device).reshape(*info.shape[:-1], -1)
+HOST_FLOATS = {"F32": np.float32, "F16": np.float16}  # GGUF types read as they are; the others decoded by tinygrad
+
+def _gguf_tensor(config: LlamaConfig, path: pathlib.Path, disk: Tensor, name: str, info: gguf.GGUFTensorInfo, device: str) -> Tensor:
+  """One tensor of a GGUF file on `device`, as float. F32 and F16 (norms, a float model's weights) are read and fixed up on
+  the host and copied in: each through tinygrad's scheduler took 5-15 ms (SmolLM2 has 61 norms)."""
+  if (kind := HOST_FLOATS.get(gguf.ggml_type_name(info.ggml_type))) is None: return _sanitize(config, "gguf", name, gguf.load_tensor(disk, info, device))
+  return transfer.to_device(_sanitize(config, "gguf", name, _read(path, info).view(kind).reshape(info.shape)), device)
+
+def _read(path: pathlib.Path, info: gguf.GGUFTensorInfo) -> np.ndarray:
+  """A GGUF tensor's bytes as stored (uint8), read into host memory: not mapped, so nothing of the file stays resident
+  once they are on the device."""
+  raw = np.fromfile(path, dtype=np.uint8, count=info.nbytes, offset=info.offset)
+  if raw.size != info.nbytes: raise CheckpointError(f"{path}: truncated while reading tensor {info.name} (the file changed after it was opened)")
+  return raw
 
 def _check_layer_count(src: pathlib.Path, key: str, config: LlamaConfig, n_tensors: int, fmt: str):
   """Before anything loops over the layers: a count the file's tensors cannot fill is refused (10**12 layers would hang)."""

@@ -27,8 +27,10 @@ quantized copy), tensor parallelism (scales would have to be split alongside the
 checkpoints (`quantize_model` returns the dict to record in their config)."""
 from __future__ import annotations
 from typing import Callable
+import numpy as np
 from tinygrad import Device, Tensor, dtypes, nn
 from tg_llama.errors import UnsupportedModelError
+from tg_llama.transfer import to_device
 from tg_llama.linear import Experts, Linear, experts_matmul, lanes_matvec, matmul, matvec_rows
 
 MODES = ("none", "int8", "int4", "gguf")
@@ -161,19 +163,21 @@ class QuantizedEmbedding:
 
 GGUF_BLOCKS = {"Q8_0": 34, "Q4_0": 18, "Q4_1": 20}  # bytes per block of 32 weights
 
-def from_gguf_blocks(raw: Tensor, ggml_type: str, shape: tuple[int, ...]) -> tuple[type, dict[str, Tensor]]:
-  """Split raw GGUF blocks (uint8, row-major over `shape`: (out, in), or (experts, out, in)) into a layer class and its
-  parameters, without rounding anything: Q8_0 = {f16 d, int8 q[32]}; Q4_0 = {f16 d, u8 qs[16]} meaning (q - 8) * d;
-  Q4_1 = {f16 d, f16 m, u8 qs[16]} meaning q * d + m. The scales stay float16 where the device has half."""
+def from_gguf_blocks(raw: np.ndarray, ggml_type: str, shape: tuple[int, ...], device: str) -> tuple[type, dict[str, Tensor]]:
+  """Split raw GGUF blocks (uint8 in host memory, row-major over `shape`: (out, in), or (experts, out, in)) into a layer
+  class and its parameters on `device`, without rounding anything: Q8_0 = {f16 d, int8 q[32]}; Q4_0 = {f16 d, u8 qs[16]}
+  meaning (q - 8) * d; Q4_1 = {f16 d, f16 m, u8 qs[16]} meaning q * d + m. The scales stay float16 where the device has
+  half. Split by numpy and copied in, not by tinygrad kernels: scheduling those took 20 ms a weight (4 of SmolLM2's 6 s load)."""
   *rows, K = shape
   blocks = raw.reshape(*rows, K // 32, GGUF_BLOCKS[ggml_type])
   int8, int4 = (Int8Linear, Int4Linear) if len(shape) == 2 else (Int8Experts, Int4Experts)
-  kept = dtypes.float16 if dtypes.float16 in Device[raw.device].renderer.supported_dtypes() else dtypes.float32
-  d = blocks[..., 0:2].contiguous().bitcast(dtypes.float16).reshape(*rows, K // 32).cast(kept)
-  if ggml_type == "Q8_0": return int8, {"weight": blocks[..., 2:].contiguous().bitcast(dtypes.int8).reshape(*rows, K), "scale": d}
-  if ggml_type == "Q4_0": return int4, {"weight": blocks[..., 2:], "scale": d, "min": d * -8}  # exact in float16 too
-  m = blocks[..., 2:4].contiguous().bitcast(dtypes.float16).reshape(*rows, K // 32).cast(kept)
-  return int4, {"weight": blocks[..., 4:], "scale": d, "min": m}
+  kept = np.float16 if dtypes.float16 in Device[device].renderer.supported_dtypes() else np.float32
+  half = lambda at: np.ascontiguousarray(blocks[..., at:at + 2]).view(np.float16).reshape(*rows, K // 32)
+  d = half(0)
+  if ggml_type == "Q8_0": params = {"weight": np.ascontiguousarray(blocks[..., 2:]).view(np.int8).reshape(*rows, K), "scale": d.astype(kept)}
+  elif ggml_type == "Q4_0": params = {"weight": blocks[..., 2:], "scale": d.astype(kept), "min": (d * -8).astype(kept)}  # exact in float16 too
+  else: params = {"weight": blocks[..., 4:], "scale": d.astype(kept), "min": half(2).astype(kept)}
+  return int8 if ggml_type == "Q8_0" else int4, {name: to_device(a, device) for name, a in params.items()}
 
 # ---- swapping layers into a model ----
 
@@ -239,7 +243,7 @@ def quantize_model(llama, mode: str, checkpoint=None, read: Callable[[str], Tens
 
 def gguf_layer(checkpoint, name: str, shape: tuple[int, ...], device: str):
   """The quantized layer holding the GGUF blocks of the weight `name` (a linear's, experts', or "model.embed_tokens")."""
-  cls, params = from_gguf_blocks(checkpoint.blocks[f"{name}.weight"](device), checkpoint.raw_dtypes[f"{name}.weight"], shape)
+  cls, params = from_gguf_blocks(checkpoint.blocks[f"{name}.weight"](), checkpoint.raw_dtypes[f"{name}.weight"], shape, device)
   return build_layer(cls, params, shape, scale_dtype=params["scale"].dtype, **({"group_size": 32} if cls in (Int8Linear, Int8Experts) else {}))
 
 def quantized_names(llama) -> set[str]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from typing import Sequence
 from tinygrad import Tensor, dtypes
 from tg_llama.errors import InvalidArgumentError
+from tg_llama.transfer import full
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -162,10 +163,10 @@ class Sampler:
     if slots < 1 or vocab < 1: raise InvalidArgumentError(f"slots and vocab must be >= 1, but are {slots} and {vocab}")
     self.slots, self.vocab = slots, vocab
     self.knobs = pack([SamplingParams()] * slots, device).contiguous().realize()
-    self.seen = Tensor.zeros(slots, vocab, dtype=dtypes.bool, device=device).contiguous().realize()
-    self.counts = Tensor.zeros(slots, vocab, dtype=dtypes.int32, device=device).contiguous().realize()  # generated tokens
-    self.key = Tensor.zeros(slots, 1, dtype=dtypes.uint64, device=device).contiguous().realize()
-    self.counter = Tensor.zeros(slots, 1, dtype=dtypes.uint32, device=device).contiguous().realize()
+    self.seen = full((slots, vocab), 0, dtypes.bool, device)
+    self.counts = full((slots, vocab), 0, dtypes.int32, device)  # generated tokens
+    self.key = full((slots, 1), 0, dtypes.uint64, device)
+    self.counter = full((slots, 1), 0, dtypes.uint32, device)
     self.top_k_slots: set[int] = set()  # the slots whose sequence uses top-k, known on the host
 
   def uses_top_k(self, slots: Sequence[int]) -> bool: return not self.top_k_slots.isdisjoint(slots)

@@ -9,7 +9,8 @@ from __future__ import annotations
 import atexit, collections, multiprocessing.util, os, time
 import numpy as np
 from tinygrad import Device
-from tg_llama.engine.runner import ModelRunner, read
+from tg_llama.engine.runner import ModelRunner
+from tg_llama.transfer import read
 
 class Stage:
   def __init__(self, source: str | None, start_layer: int, end_layer: int, backend: str | None, dtype: str | None,

@@ -8,9 +8,9 @@ always computed again, for its logits)."""
 from __future__ import annotations
 import itertools
 from dataclasses import dataclass, field
-from tinygrad import Tensor
 from tinygrad.dtype import DType
 from tg_llama.config import LlamaConfig
+from tg_llama.transfer import full
 
 @dataclass
 class Slot:
@@ -24,7 +24,7 @@ class KVCache:
     if slots < 1: raise ValueError(f"a KV cache needs at least one slot, got {slots}")
     self.positions = positions
     shape = (2, slots, config.n_kv_heads, positions, config.head_dim)
-    self.layers = {i: Tensor.zeros(*shape, dtype=dtype, device=device).contiguous().realize() for i in layers}
+    self.layers = {i: full(shape, 0, dtype, device) for i in layers}
     self.slots = [Slot(i) for i in range(slots)]
     self._clock = itertools.count(1)
 

@@ -23,8 +23,8 @@ Not here: which sequences run when (tg_llama/engine/engine.py), speculative deco
 from __future__ import annotations
 from typing import Sequence
 import numpy as np
-from tinygrad import Device, Tensor, UOp, dtypes
-from tinygrad.dtype import DType, _to_np_dtype
+from tinygrad import Tensor, UOp, dtypes
+from tinygrad.dtype import DType
 from tinygrad.engine.jit import _TinyJit
 from tg_llama.backend import free_buffer_cache, on_cpu
 from tg_llama.config import LlamaConfig
@@ -33,6 +33,7 @@ from tg_llama.models.llama import Llama
 from tg_llama.parallel import place_input, shard_model
 from tg_llama.constraint import words
 from tg_llama.sampling import Sampler, mask_logits
+from tg_llama.transfer import full, read, write
 
 MIN_ROWS = 8  # rows a step can take even with fewer slots: a short prompt rest runs 8 tokens a step, not a padded chunk
 
@@ -57,16 +58,20 @@ class Jit(_TinyJit):
     if fxn is not None: self.cnt = 1
 
   def __call__(self, *args, **kwargs):
+    self._offer(args, kwargs)  # a graph from the cache (tg_llama/jit_cache.py): replayed by the CPU's runner from its first call
     ret = super().__call__(*args, **kwargs)
-    if self.captured is not None and self.captured is not self.offered:
-      if any(isinstance(t, Tensor) and on_cpu(t.device) for t in (*args, *kwargs.values())):
-        from tg_llama.cpu import graph
-        graph.install(self)
-      self.offered = self.captured
-      # the buffers tinygrad keeps for reuse (of what ran before the capture: loading, uncaptured calls) serve none of the
-      # graph's, which has its own
-      free_buffer_cache(tuple({d for t in (*args, *kwargs.values()) if isinstance(t, Tensor) for d in devices_of(t)}))
+    self._offer(args, kwargs)  # a graph captured by this call
     return ret
+
+  def _offer(self, args, kwargs):
+    if self.captured is None or self.captured is self.offered: return
+    if any(isinstance(t, Tensor) and on_cpu(t.device) for t in (*args, *kwargs.values())):
+      from tg_llama.cpu import graph
+      graph.install(self)
+    self.offered = self.captured
+    # the buffers tinygrad keeps for reuse (of what ran before the capture: loading, uncaptured calls) serve none of the
+    # graph's, which has its own
+    free_buffer_cache(tuple({d for t in (*args, *kwargs.values()) if isinstance(t, Tensor) for d in devices_of(t)}))
 
 class ModelRunner:
   depth = 1  # steps in flight that keep it busy (a pipeline's stages each run one): one process runs a step at a time
@@ -84,7 +89,7 @@ class ModelRunner:
     # the graphs' inputs, written in place before each call: a chunk's and each bucket's rows' token ids (hidden states
     # after the first shard), the token masks of constrained rows, and one mask with every bit set for the steps where no
     # row is constrained
-    new = lambda *shape, fill=0, dtype=dtypes.int32: Tensor.full(shape, fill, dtype=dtype, device=device).contiguous().realize()
+    new = lambda *shape, fill=0, dtype=dtypes.int32: full(shape, fill, dtype, device)
     row = () if llama.is_first else (llama.config.dim,)
     kind = dtypes.int32 if llama.is_first else dtypes.float32
     self.chunks = chunk_sizes(self.prefill_chunk)
@@ -187,20 +192,5 @@ class ModelRunner:
     return read(tok)[:len(slots), 0]
 
 def devices_of(t: Tensor) -> tuple[str, ...]: return t.device if isinstance(t.device, tuple) else (t.device,)
-
-def write(t: Tensor, a: np.ndarray) -> Tensor:
-  """t (realized, on one device) with its contents replaced by `a`, in place: the backend's own copy into the buffer. A new
-  Tensor from numpy each call goes through the scheduler: 1.6 ms for one token id on DEV=CPU, where this takes 5 us."""
-  assert a.dtype == _to_np_dtype(t.dtype) and a.shape == t.shape and a.flags["C_CONTIGUOUS"]
-  buf = t.uop.buffer
-  buf.allocator._copyin(buf._buf, memoryview(a).cast("B"))
-  return t
-
-def read(t: Tensor) -> np.ndarray:
-  """A realized tensor's contents, copied out by the backend directly (Tensor.numpy() takes 0.2 ms on DEV=CPU, this 5 us)."""
-  buf, out = t.uop.buffer, np.empty(t.shape, dtype=_to_np_dtype(t.dtype))
-  Device[buf.device].synchronize()  # a GPU's graph may still be running
-  buf.allocator._copyout(memoryview(out).cast("B"), buf._buf)
-  return out
 
 def greedy(logits: Tensor, mask: Tensor) -> Tensor: return mask_logits(logits, mask).argmax(-1, keepdim=True).cast(dtypes.int32).realize()

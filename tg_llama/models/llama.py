@@ -10,6 +10,7 @@ Attribute names follow Hugging Face's (`self_attn.q_proj`, `mlp.gate_proj`); tg_
 onto them with the tables below. The model never knows which format it came from."""
 from __future__ import annotations
 from typing import TYPE_CHECKING, Callable
+import numpy as np
 from tinygrad import Tensor, UOp, nn
 from tg_llama.config import LlamaConfig
 from tg_llama.linear import Linear
@@ -50,16 +51,17 @@ def layer_sources(c: LlamaConfig, fmt: str) -> dict[str, list[str]]:
   that format's layer prefix; several are stacked on a new first axis."""
   return {k: [k if fmt == "hf" else v[("gguf", "meta").index(fmt)]] for k, v in LAYER_NAMES.items()}
 
-def sanitize(c: LlamaConfig, fmt: str, name: str, w: Tensor) -> Tensor:
+def sanitize(c: LlamaConfig, fmt: str, name: str, w: Tensor | np.ndarray) -> Tensor | np.ndarray:
   """The fix-up a tensor read from `fmt` needs, under its canonical name. Meta and llama.cpp store each q/k head's
   rotary pairs interleaved (x0,y0,x1,y1..); HF, and we, store them half-split (x0,x1..,y0,y1..): without this the
-  model diverges after a few tokens. Only whole rows move, so it applies to a GGUF weight's raw blocks too."""
+  model diverges after a few tokens. Only whole rows move, so it applies to a GGUF weight's raw blocks too (numpy)."""
   heads = c.n_heads if name.endswith("q_proj.weight") else c.n_kv_heads if name.endswith("k_proj.weight") else 0
   return interleaved_to_half_split(w, heads) if heads and fmt in ("gguf", "meta") else w
 
-def interleaved_to_half_split(w: Tensor, n_heads: int) -> Tensor:
+def interleaved_to_half_split(w: Tensor | np.ndarray, n_heads: int) -> Tensor | np.ndarray:
   out_dim, in_dim = w.shape
-  return w.reshape(n_heads, out_dim // n_heads // 2, 2, in_dim).transpose(1, 2).reshape(out_dim, in_dim)
+  w = w.reshape(n_heads, out_dim // n_heads // 2, 2, in_dim)
+  return (w.transpose(1, 2) if isinstance(w, Tensor) else w.swapaxes(1, 2)).reshape(out_dim, in_dim)
 
 class FeedForward:
   def __init__(self, config: LlamaConfig, linear: Callable):
