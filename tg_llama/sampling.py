@@ -16,9 +16,10 @@ from __future__ import annotations
 import math, numbers, secrets
 from dataclasses import dataclass
 from typing import Sequence
+import numpy as np
 from tinygrad import Tensor, dtypes
 from tg_llama.errors import InvalidArgumentError
-from tg_llama.transfer import full
+from tg_llama.transfer import full, read, to_device, write
 
 @dataclass(frozen=True)
 class SamplingParams:
@@ -55,7 +56,9 @@ KNOBS = ("temperature", "top_k", "top_p", "min_p", "repetition_penalty", "presen
 
 def pack(params: Sequence[SamplingParams], device: str|None = None) -> Tensor:
   """One row of knobs per sequence: (B, len(KNOBS)) float32. top_k stays exact as a float up to 2**24."""
-  return Tensor([[float(getattr(p, k)) for k in KNOBS] for p in params], dtype=dtypes.float32, device=device)
+  return to_device(knob_rows(params), device)
+
+def knob_rows(params: Sequence[SamplingParams]) -> np.ndarray: return np.array([[float(getattr(p, k)) for k in KNOBS] for p in params], np.float32)
 
 def _knob(knobs: Tensor, name: str) -> Tensor: return knobs[:, KNOBS.index(name)].unsqueeze(1)  # (B, 1)
 
@@ -162,7 +165,7 @@ class Sampler:
   def __init__(self, slots: int, vocab: int, device: str|None = None):
     if slots < 1 or vocab < 1: raise InvalidArgumentError(f"slots and vocab must be >= 1, but are {slots} and {vocab}")
     self.slots, self.vocab = slots, vocab
-    self.knobs = pack([SamplingParams()] * slots, device).contiguous().realize()
+    self.knobs = pack([SamplingParams()] * slots, device)
     self.seen = full((slots, vocab), 0, dtypes.bool, device)
     self.counts = full((slots, vocab), 0, dtypes.int32, device)  # generated tokens
     self.key = full((slots, 1), 0, dtypes.uint64, device)
@@ -178,22 +181,19 @@ class Sampler:
     if len(params) != len(slots) or not all(0 <= s < self.slots for s in slots):
       raise InvalidArgumentError(f"need one SamplingParams per slot in [0, {self.slots}), but got {len(params)} for slots {slots}")
     if prompts is not None and len(prompts) != len(slots): raise InvalidArgumentError(f"need {len(slots)} prompts, but got {len(prompts)}")
-    seen, knobs, keys, counter = self.seen.numpy(), self.knobs.numpy(), self.key.numpy(), self.counter.numpy()
+    state = (self.seen, self.knobs, self.key, self.counter, self.counts)
+    seen, knobs, keys, counter, counts = (read(t) for t in state)  # and written back below, without a kernel (a new request's ttft)
     for row, (slot, p) in enumerate(zip(slots, params)):
       ids = list(prompts[row]) if prompts is not None else []
       if len(bad := [i for i in ids if not 0 <= i < self.vocab]): raise InvalidArgumentError(f"prompt {row} has token ids {bad[:5]} outside [0, {self.vocab})")
       seen[slot] = False
       seen[slot, ids] = True
-      knobs[slot] = pack([p]).numpy()[0]
+      knobs[slot] = knob_rows([p])[0]
       keys[slot], counter[slot] = secrets.randbits(64) if p.seed is None else p.seed, 0
       if p.top_k: self.top_k_slots.add(slot)
       else: self.top_k_slots.discard(slot)
-    dev = self.knobs.device
-    counts = self.counts.numpy()
     counts[slots] = 0
-    Tensor.realize(self.knobs.assign(Tensor(knobs, device=dev)), self.seen.assign(Tensor(seen, device=dev)),
-                   self.counts.assign(Tensor(counts, device=dev)),
-                   self.key.assign(Tensor(keys, device=dev)), self.counter.assign(Tensor(counter, device=dev)))
+    for t, a in zip(state, (seen, knobs, keys, counter, counts)): write(t, a)
 
   def __call__(self, logits: Tensor, slots: Sequence|None = None, top_k: bool = True) -> Tensor:
     """Draws the next tokens (B, 1) int32 from logits (B, V), row b for the sequence in slots[b] (default: row b's
