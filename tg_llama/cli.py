@@ -68,9 +68,9 @@ def load_model(args, slots: int = 1):
         f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
   return model
 
-def warm_up(model):
+def warm_up(model, sampling=None):
   """Compile and capture prefill and decode now, so the first answer is not slow (kernels and captured graphs are cached
-  on disk afterwards)."""
+  on disk afterwards). With `sampling` (the chat's), also what a chat's first turn runs."""
   start = time.perf_counter()
   print("compiling kernels (fast after the first run on this backend)...", end="", file=sys.stderr, flush=True)
   loaded = model.graphs.load() if model.graphs is not None else getattr(model.runner, "graphs_loaded", lambda: ())()
@@ -81,6 +81,11 @@ def warm_up(model):
   # (setting them all up here would slow every start)
   runs = 1 if {"decode1", "greedy1", "decode2", "greedy2"} <= set(loaded) else 2
   for i in range(runs): list(model.generate([i % model.config.vocab_size] * 2, 3))
+  # a chat's first turn (system message and question: 20-60 tokens) runs a half prefill chunk and a step of 8 rows, and
+  # samples: when those graphs were not loaded, captured here rather than after the question, where a first answer after
+  # an install or an upgrade stalled 30-40 s without a word (loaded ones replay at once: nothing to do)
+  if sampling is not None and model.max_context > 48 and not {"prefill_half", "decode8"} <= set(loaded):
+    list(model.generate([(2 + i) % model.config.vocab_size for i in range(40)], 2, sampling))
   print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
 def warm_up_batches(model, slots: int):
@@ -95,7 +100,7 @@ def cmd_chat(args) -> int:
   from tg_llama.chat import ChatSession, run_chat
   model = load_model(args)
   session = ChatSession(model, system=args.system, sampling=sampling_from(args), max_new_tokens=args.max_new_tokens)
-  warm_up(model)
+  warm_up(model, session.sampling)
   return run_chat(model, session, show_stats=args.stats)
 
 def read_constraint(args) -> dict:
