@@ -46,7 +46,7 @@ def test_written_buffers_are_tinygrads(tiny_path, monkeypatch):
   assert {"prefill", "decode1", "greedy1"} <= set(graphs)
   for c in graphs.values():  # tinygrad's own set, found through its symbolic contiguous_view, on a plain CapturedJit of the same graph
     theirs = CapturedJit(c.ret, c._linear, c.expected_names, c.expected_input_info)._written_uops
-    assert theirs and c.written == theirs == cpu_graph.written_buffers(c.linear)
+    assert theirs and c._written_uops == theirs == cpu_graph.written_buffers(c.linear)
 
 def test_threaded_jit_pickles_as_tinygrads(tiny_path, monkeypatch):
   captured = run(tiny_path, monkeypatch, graph=True)[2]

@@ -227,22 +227,19 @@ def written_buffers(linear: UOp) -> set[UOp]:
   out: set[UOp] = set()
   for call in linear.src:
     args, (outs, ins) = realize.get_call_arg_uops(call), realize.get_call_outs_ins(call)
-    for i in set(outs) - set(ins):
-      b = args[i]
-      while b.op in (Ops.BITCAST, Ops.SHRINK): b = b.src[0]
-      if b.op is Ops.BUFFER: out.add(b)
+    out.update(b for b in (_base(args[i]) for i in set(outs) - set(ins)) if b.op is Ops.BUFFER)
   return out
 
-def _is_view_of_buffer(b: UOp) -> bool:
-  """A buffer, or a bitcast/shrink view of one (a fixed address); views of inputs are not handled."""
+def _base(b: UOp) -> UOp:
+  """The UOp under a bitcast/shrink view: a BUFFER for a view of one (a fixed address); views of inputs are not handled."""
   while b.op in (Ops.BITCAST, Ops.SHRINK): b = b.src[0]
-  return b.op is Ops.BUFFER
+  return b
 
 def supported(captured: CapturedJit) -> bool:
   """Every call a CPU kernel on one device, with arguments that are plain buffers (no views of inputs), not too many."""
   for call in captured.linear.src:
     if call.src[0].op is not Ops.PROGRAM or not isinstance(call.src[1].device, str) or not call.src[1].device.startswith("CPU"): return False
-    if not all(b.op is Ops.PARAM or _is_view_of_buffer(b) for b in realize.get_call_arg_uops(call)): return False
+    if not all(b.op is Ops.PARAM or _base(b).op is Ops.BUFFER for b in realize.get_call_arg_uops(call)): return False
     if len(call.src[0].arg.globals) + len(call.src[0].arg.vars) > MAX_ARGS: return False
   return True
 
@@ -253,11 +250,11 @@ class ThreadedJit(CapturedJit):
     """`captured`, its kernel table built now: what it needs of tinygrad's internals is found here, or not at all."""
     self = cls(captured.ret, captured._linear, captured.expected_names, captured.expected_input_info)
     self.graph = CPUGraph(self.linear)
-    self._written_uops = self.written = written_buffers(self.linear)  # tinygrad's own way took 0.3 s a graph at load
+    self._written_uops = written_buffers(self.linear)  # tinygrad's own way took 0.3 s a graph at load
     return self
 
   def __call__(self, input_uops, var_vals):
-    if any(u in self.written for u in input_uops): return super().__call__(input_uops, var_vals)
+    if any(u in self._written_uops for u in input_uops): return super().__call__(input_uops, var_vals)
     self.graph(input_uops, var_vals)
     return self.ret
 
