@@ -74,6 +74,7 @@ def test_a_crashing_peer_is_one_line(tiny):
 def test_constrained_decode_on_the_default_model(capsys):
   out = run_json(capsys, FAST)  # the bundled model: the JSON schema's grammar needs its tokenizer
   assert out["ours"]["constrained_decode_tok_s"] > 0 and out["ours"]["matcher_us_per_token"] > 0
+  assert out["ours"]["constrained_peak_rss_mb"] >= out["ours"]["peak_rss_mb"]  # the model's runs' peak, taken before
   assert "under a JSON schema" in table(out)
 
 def test_table(tiny_preset, capsys):

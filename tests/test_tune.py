@@ -162,6 +162,17 @@ def test_a_prefill_chunks_product_reads_its_weight_in_panels_under_the_prefill_t
   assert (kernel.kind, kernel.shape) == ("prefill matmul", (6, 64, 16, 128))
   np.testing.assert_allclose(matmul(x, w).numpy(), xs @ ws.T, atol=1e-4, rtol=1e-5)
 
+def test_a_weight_over_the_panel_budget_is_packed_and_multiplied_in_pieces(monkeypatch):
+  # each piece of its output rows packed just before its product: the memory held packed is one piece's, not the weight's
+  import tg_llama.linear as linear
+  monkeypatch.setattr(linear, "PANEL_BYTES", 50 * 128 * 4)  # 50 rows' worth: 144 rows as 3 pieces of 48 (whole panels)
+  rng = np.random.default_rng(1)
+  xs, ws = rng.standard_normal((64, 128)).astype(np.float32), rng.standard_normal((144, 128)).astype(np.float32)
+  x, w = Tensor(xs).realize(), Tensor(ws).realize()
+  kernels = tune.record(lambda: linear.matmul(x, w).realize())
+  assert [(k.kind, k.shape) for k in kernels] == [("prefill matmul", (3, 64, 16, 128))]  # recorded once a shape
+  np.testing.assert_allclose(linear.matmul(x, w).numpy(), xs @ ws.T, atol=1e-4, rtol=1e-5)
+
 def test_a_q4_weight_is_decoded_into_panels_under_the_pack_rule():
   # a Q4 layer's prefill product: its blocks decoded into the chunk's panels (the "panel pack" kernel, the panel's rows one
   # vector), then the "prefill matmul"; the same numbers as numpy's dequantized x @ w.T

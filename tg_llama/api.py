@@ -21,6 +21,7 @@ from tg_llama.models.llama import Llama
 from tg_llama.quantize import GGUF_BLOCKS, quantize_model, quantized_names
 from tg_llama.parallel import check_divisible, devices_for, split_axis
 from tg_llama.sampling import SamplingParams
+from tg_llama.transfer import trim_host_heap
 from tg_llama.tokenizer import Tokenizer, load_tokenizer
 
 DTYPES = {"float32": dtypes.float32, "float16": dtypes.float16, "half": dtypes.float16, "bfloat16": dtypes.bfloat16}
@@ -259,4 +260,5 @@ def build(ckpt: Checkpoint, device: str, dtype: DType, start_layer: int = 0, end
   mode = quantize or ("gguf" if ckpt.format == "gguf" and not devices and set(ckpt.raw_dtypes.values()) & set(GGUF_BLOCKS) else "none")
   if mode != "none" and devices: raise UnsupportedModelError(f"quantize={mode!r}: quantized layers run on one device; load without devices")
   quantization = load_weights(llama, ckpt, device, dtype, progress, devices, quantize=mode)
+  trim_host_heap()
   return llama, quantization

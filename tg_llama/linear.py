@@ -20,6 +20,7 @@ from tinygrad import Tensor
 from tinygrad.helpers import prod
 from tg_llama.backend import kernel_layout
 
+PANEL_BYTES = 16 << 20  # the most of a weight held packed in panels at once (matmul)
 MAX_MATVEC_ROWS = 8  # a quantized layer's decode batch: each weight row is read once for all of them (tg_llama/cpu/opts.py)
 
 def lanes(n: int, rows: int, widest: int) -> int:
@@ -43,9 +44,17 @@ def matmul(x: Tensor, w: Tensor) -> Tensor:
   in panels where the backend's layout has them (and the weight is on one device)."""
   (N, K), P = w.shape, kernel_layout(x.device).panel
   if matvec_rows(x) or not P or N % P or isinstance(w.device, tuple): return (x.contiguous() @ w.contiguous().T).contiguous()
+  x = x.contiguous()
+  # a weight of more than PANEL_BYTES in panels runs as pieces of its output rows, each packed just before its product, so
+  # the packed copy held is one piece's (a whole float32 8192x2048 MLP weight was 64 of the 76 MB a Llama 3.2 1B prefill held)
+  piece = -(-N // P // -(-N * K * x.dtype.itemsize // PANEL_BYTES)) * P
+  outs = [_panel_matmul(x, w[i:i + piece], P) for i in range(0, N, piece)]
+  return outs[0] if len(outs) == 1 else outs[0].cat(*outs[1:], dim=-1).contiguous().realize()
+
+def _panel_matmul(x: Tensor, w: Tensor, P: int) -> Tensor:
+  (N, K) = w.shape
   panels = w.reshape(N // P, 1, P, K).permute(0, 1, 3, 2).contiguous().permute(0, 1, 3, 2)  # stored (N/P, 1, K, P)
-  rows = x.contiguous().reshape(1, -1, 1, K)
-  out = (rows * panels).sum(-1).contiguous()  # (N/P, rows, P): a panel's outputs for every row, then the next panel's
+  out = (x.reshape(1, -1, 1, K) * panels).sum(-1).contiguous()  # (N/P, rows, P): a panel's outputs for every row, then the next panel's
   # realized here, so that each weight's panels are written just before its product and their memory is reused by the next
   # (scheduled with the layer, every pack ran first and all seven panel buffers were live at once: 232 MB in Llama 3.2 1B)
   return out.permute(1, 0, 2).reshape(*x.shape[:-1], N).contiguous().realize()
