@@ -17,7 +17,7 @@ transpose streams the weight from memory once per 4 tokens when it outgrows the 
 576x576 4.5 (out, in) -> 1.3 ms (a float weight pays one copy of itself per chunk)."""
 from __future__ import annotations
 from tinygrad import Tensor
-from tinygrad.helpers import prod
+from tinygrad.helpers import ceildiv, prod
 from tg_llama.backend import kernel_layout
 
 PANEL_BYTES = 16 << 20  # the most of a weight held packed in panels at once (matmul)
@@ -47,7 +47,7 @@ def matmul(x: Tensor, w: Tensor) -> Tensor:
   x = x.contiguous()
   # a weight of more than PANEL_BYTES in panels runs as pieces of its output rows, each packed just before its product, so
   # the packed copy held is one piece's (a whole float32 8192x2048 MLP weight was 64 of the 76 MB a Llama 3.2 1B prefill held)
-  piece = -(-N // P // -(-N * K * x.dtype.itemsize // PANEL_BYTES)) * P
+  piece = ceildiv(N // P, ceildiv(N * K * x.dtype.itemsize, PANEL_BYTES)) * P  # whole panels, as few pieces as fit
   outs = [_panel_matmul(x, w[i:i + piece], P) for i in range(0, N, piece)]
   return outs[0] if len(outs) == 1 else outs[0].cat(*outs[1:], dim=-1).contiguous().realize()
 

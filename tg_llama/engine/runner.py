@@ -51,8 +51,9 @@ class Jit(_TinyJit):
   replays through tinygrad. The first call captures (TinyJit's runs its function once without capturing first): that run
   is not memory-planned, so it held every intermediate at once (Llama 3.2 1B's prefill chunk: 256 MB over the graph's),
   and it cost a whole extra run of every graph on a cold start. What the model reads is realized before its first call."""
-  offered = None  # the captured graph last offered: each once
-  known = None    # (graph, its tensor inputs' uops, their buffers) of the last call that went through tinygrad's checks
+  offered = None     # the captured graph last offered: each once
+  known_for = None   # the captured graph `known` is of
+  MAX_KNOWN = 8      # input sets remembered a graph (a head's logits come from the prefill graphs and the decode step's)
 
   def __init__(self, fxn=None, captured=None, prune=False):
     super().__init__(fxn, captured, prune)
@@ -60,12 +61,11 @@ class Jit(_TinyJit):
 
   def __call__(self, *args, **kwargs):
     uops = tuple(a.uop for a in args if isinstance(a, Tensor))
-    if (known := self.known) is not None and known[0] is self.captured and not kwargs and len(uops) == len(known[1]) and \
-       all(a is b for a, b in zip(uops, known[1])):
+    if not kwargs and self.known_for is not None and self.known_for is self.captured and (bufs := self.known.get(uops)) is not None:
       # the same realized inputs as a call tinygrad checked, only the variables' values new: its preparing of the inputs
       # (a graph rewrite of each) cost 0.1-0.2 ms a call, and a token makes two (the step and its sampling)
       self.cnt += 1
-      return self.captured(known[2], {v.expr: value for v, value in (a.unbind() for a in args if isinstance(a, UOp))})
+      return self.captured(bufs, {v.expr: value for v, value in (a.unbind() for a in args if isinstance(a, UOp))})
     self._offer(args, kwargs)  # a graph from the cache (tg_llama/jit_cache.py): replayed by the CPU's runner from its first call
     checked = self.cnt >= 2
     ret = super().__call__(*args, **kwargs)
@@ -74,11 +74,13 @@ class Jit(_TinyJit):
     return ret
 
   def _remember(self, args, uops):
+    if self.known_for is not self.captured: self.known_for, self.known = self.captured, {}
+    if len(self.known) >= self.MAX_KNOWN: return  # a caller with new inputs each time: checked each time, nothing held
     bufs, var_vals, _, _ = _prepare_jit_inputs(args, {})
     # realized inputs (buffers or views of them), every variable an argument (none in an input's shape)
     if len(bufs) == len(uops) and all(b is u.base for u, b in zip(uops, bufs)) and \
        set(var_vals) == {a.unbind()[0].expr for a in args if isinstance(a, UOp)}:
-      self.known = (self.captured, uops, bufs)
+      self.known[uops] = bufs
 
   def _offer(self, args, kwargs):
     if self.captured is None or self.captured is self.offered: return
