@@ -16,6 +16,7 @@ from tg_llama.config import LlamaConfig
 from tg_llama.linear import Linear
 from tg_llama.models import module
 from tg_llama.models.blocks import Attention, Rows, rope_tables
+from tg_llama.models.layer_graph import LayerGraph
 if TYPE_CHECKING: from tg_llama.engine.kv_cache import KVCache
 
 HF_CLASS = ("LlamaForCausalLM", "llama")  # a converted config.json's architectures[0] and model_type
@@ -129,8 +130,15 @@ class Llama:
     T = h.shape[1]
     tables = [(self.cos[pos:pos+T], self.sin[pos:pos+T]) for _, pos in rows]
     cos, sin = (tables[0] if len(rows) == 1 else (Tensor.stack(*[c for c, _ in tables]).unsqueeze(1), Tensor.stack(*[s for _, s in tables]).unsqueeze(1)))
-    # one block at a time: scheduled whole, a quantized model's prefill would decode every layer's weights first
-    for i, block in self.layers.items(): h = block(h, cache.layers[i], rows, cos, sin).realize()
+    # one block at a time: scheduled whole, a quantized model's prefill would decode every layer's weights first. A block's
+    # graph is built once and reused by the blocks after it, with their own buffers, where that gives the same graph
+    # (tg_llama/models/layer_graph.py; tried on the first two blocks: the first shard's first one reads the embedding)
+    like, tries = None, 2
+    for i, block in self.layers.items():
+      if like is None or (out := like.apply(h, block, cache.layers[i])) is None:
+        out = block(h, cache.layers[i], rows, cos, sin)
+        if like is None and tries: like, tries = LayerGraph.of(out, h, block, cache.layers[i], (cos, sin)), tries - 1
+      h = out.realize()
     if not self.is_last: return h
     if last_only: h = h[:, -1:, :] if last_index is None else h[:, last_index:last_index+1, :]
     logits = self.lm_head(self.norm(h)).float()
