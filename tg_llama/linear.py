@@ -19,6 +19,7 @@ from __future__ import annotations
 from tinygrad import Tensor
 from tinygrad.helpers import ceildiv, prod
 from tg_llama.backend import kernel_layout
+from tg_llama.models.layer_graph import realize
 
 PANEL_BYTES = 16 << 20  # the most of a weight held packed in panels at once (matmul)
 MAX_MATVEC_ROWS = 8  # a quantized layer's decode batch: each weight row is read once for all of them (tg_llama/cpu/opts.py)
@@ -49,7 +50,7 @@ def matmul(x: Tensor, w: Tensor) -> Tensor:
   # the packed copy held is one piece's (a whole float32 8192x2048 MLP weight was 64 of the 76 MB a Llama 3.2 1B prefill held)
   piece = ceildiv(N // P, ceildiv(N * K * x.dtype.itemsize, PANEL_BYTES)) * P  # whole panels, as few pieces as fit
   outs = [_panel_matmul(x, w[i:i + piece], P) for i in range(0, N, piece)]
-  return outs[0] if len(outs) == 1 else outs[0].cat(*outs[1:], dim=-1).contiguous().realize()
+  return outs[0] if len(outs) == 1 else realize(outs[0].cat(*outs[1:], dim=-1).contiguous())
 
 def _panel_matmul(x: Tensor, w: Tensor, P: int) -> Tensor:
   (N, K) = w.shape
@@ -57,7 +58,7 @@ def _panel_matmul(x: Tensor, w: Tensor, P: int) -> Tensor:
   out = (x.reshape(1, -1, 1, K) * panels).sum(-1).contiguous()  # (N/P, rows, P): a panel's outputs for every row, then the next panel's
   # realized here, so that each weight's panels are written just before its product and their memory is reused by the next
   # (scheduled with the layer, every pack ran first and all seven panel buffers were live at once: 232 MB in Llama 3.2 1B)
-  return out.permute(1, 0, 2).reshape(*x.shape[:-1], N).contiguous().realize()
+  return realize(out.permute(1, 0, 2).reshape(*x.shape[:-1], N).contiguous())
 
 def one_row(x: Tensor) -> bool: return all(isinstance(s, int) and s == 1 for s in x.shape[:-1])
 

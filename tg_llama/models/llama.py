@@ -136,8 +136,8 @@ class Llama:
     like, tries = None, 2
     for i, block in self.layers.items():
       if like is None or (out := like.apply(h, block, cache.layers[i])) is None:
-        out = block(h, cache.layers[i], rows, cos, sin)
-        if like is None and tries: like, tries = LayerGraph.of(out, h, block, cache.layers[i], (cos, sin)), tries - 1
+        if like is None and tries: (out, like), tries = LayerGraph.build(block, h, cache.layers[i], rows, cos, sin, shared=(cos, sin)), tries - 1
+        else: out = block(h, cache.layers[i], rows, cos, sin)
       h = out.realize()
     if not self.is_last: return h
     if last_only: h = h[:, -1:, :] if last_index is None else h[:, last_index:last_index+1, :]
