@@ -35,9 +35,10 @@ from tinygrad.device import Buffer, MultiBuffer
 from tinygrad.engine.jit import CapturedJit
 from tinygrad.helpers import BEAM, JIT, JIT_BATCH_SIZE, getenv
 from tinygrad.nn.state import get_state_dict
-from tinygrad.uop.ops import AddrSpace, Ops, UOp
+from tinygrad.uop.ops import Ops, UOp
 from tg_llama import private_dir
 from tg_llama.backend import on_cpu
+from tg_llama.models.layer_graph import is_storage
 if TYPE_CHECKING: from tg_llama.api import Model
 
 FORMAT = 1  # bump when what the files hold changes: old files then get a new key and are never read
@@ -65,7 +66,7 @@ def state_buffers(state: dict[str, Tensor]) -> dict[str, UOp]:
   out: dict[str, UOp] = {}
   seen: set[UOp] = set()
   for name, t in state.items():
-    bufs = [u for u in t.uop.toposort() if _is_storage(u)]
+    bufs = [u for u in t.uop.toposort() if is_storage(u)]
     for i, u in enumerate(bufs):
       if u not in seen: out[name if len(bufs) == 1 else f"{name}#{i}"] = u  # a tied weight keeps its first name
       seen.add(u)
@@ -200,13 +201,9 @@ def _prune(folder: pathlib.Path, keep: int):
     files = sorted(folder.glob("*.pkl"), key=lambda f: f.stat().st_mtime_ns, reverse=True)
     for f in files[keep:]: f.unlink(missing_ok=True)
 
-def _is_storage(u: UOp) -> bool:
-  # a device buffer; not a variable (ALU), nor a kernel's registers or local memory (no device)
-  return u.op is Ops.BUFFER and u.arg.addrspace is AddrSpace.GLOBAL and u.arg.device is not None
-
 def _outside_buffers(captured: CapturedJit, state: set[UOp]) -> list[UOp]:
   # written empty, a buffer the graph reads without writing it (an old weight, say) would load as zeros
-  return [u for u in captured._linear.toposort() if _is_storage(u) and u not in state and u not in captured._written_uops]
+  return [u for u in captured._linear.toposort() if is_storage(u) and u not in state and u not in captured._written_uops]
 
 def _signature(u: UOp) -> tuple: return (u.dtype, dataclasses.replace(u.arg, slot=0), u.max_numel(), u.tag)
 
@@ -218,7 +215,7 @@ class _Writer(pickle.Pickler):
   def persistent_id(self, obj):
     # a BUFFER uop pickles with its Buffer's contents (the weights!): write a reference instead
     if isinstance(obj, (Buffer, MultiBuffer)): raise pickle.PicklingError(f"a {obj} outside a BUFFER uop: its contents would be written")
-    if type(obj) is not UOp or not _is_storage(obj): return None
+    if type(obj) is not UOp or not is_storage(obj): return None
     if (name := self.names.get(obj)) is not None: return ("state", name, _signature(obj))
     return ("new", obj.dtype, obj.src, obj.arg, obj.tag)  # the old slot keeps buffers apart until the reader renumbers them
 

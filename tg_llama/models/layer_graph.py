@@ -23,15 +23,16 @@ from tinygrad import Tensor
 from tinygrad.dtype import DType
 from tinygrad.uop.ops import AddrSpace, Ops, UOp
 
-def buffers(*tensors: Tensor) -> set[UOp]:
-  """The device buffers a graph reads (a bound variable is a BUFFER too, in no device's memory: the same in every block)."""
-  return {u for t in tensors for u in t.uop.toposort() if u.op is Ops.BUFFER and u.arg.addrspace is AddrSpace.GLOBAL and u.arg.device is not None}
+def is_storage(u: UOp) -> bool:
+  """A device buffer; not a variable (a BUFFER too, in no device's memory), nor a kernel's registers or local memory."""
+  return u.op is Ops.BUFFER and u.arg.addrspace is AddrSpace.GLOBAL and u.arg.device is not None
+
+def buffers(*graphs: UOp) -> set[UOp]: return {u for g in graphs for u in g.toposort() if is_storage(u)}
 
 def reads(graph: UOp) -> set[UOp]:
   """The buffers a graph reads that it does not fill itself (a constant it makes, like Tensor.ones, is a buffer it stores
   into: the same for every block)."""
-  stored = {b for u in graph.toposort() if u.op is Ops.STORE for b in buffers(Tensor(u.src[0]))}
-  return buffers(Tensor(graph)) - stored
+  return buffers(graph) - buffers(*[u.src[0] for u in graph.toposort() if u.op is Ops.STORE])
 
 PLAIN = (int, float, str, bytes, bool, type(None), DType)
 CODE = (type, types.FunctionType, types.MethodType, types.BuiltinFunctionType, types.ModuleType, functools.partial)
@@ -83,10 +84,10 @@ class LayerGraph:
     steps: list[tuple[UOp, UOp]] = []
     with _noting(steps): out = block(x, cache, *args)
     signature, tensors = parts(block)
-    allowed = buffers(x, cache, *tensors, *shared)
+    allowed = buffers(*[t.uop for t in (x, cache, *tensors, *shared)])
     for before, after in steps:
       if not reads(before) <= allowed: return out, None
-      allowed |= buffers(Tensor(after))
+      allowed |= buffers(after)
     if not x.uop.has_buffer_identity() or not reads(out.uop) <= allowed: return out, None
     return out, cls(out, x, cache, steps, [x.shape, cache.shape, *signature], tensors)
 

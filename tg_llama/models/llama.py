@@ -133,10 +133,10 @@ class Llama:
     # one block at a time: scheduled whole, a quantized model's prefill would decode every layer's weights first. A block's
     # graph is built once and reused by the blocks after it, with their own buffers, where that gives the same graph
     # (tg_llama/models/layer_graph.py; tried on the first two blocks: the first shard's first one reads the embedding)
-    like, tries = None, 2
-    for i, block in self.layers.items():
+    like = None
+    for n, (i, block) in enumerate(self.layers.items()):
       if like is None or (out := like.apply(h, block, cache.layers[i])) is None:
-        if like is None and tries: (out, like), tries = LayerGraph.build(block, h, cache.layers[i], rows, cos, sin, shared=(cos, sin)), tries - 1
+        if like is None and n < 2: out, like = LayerGraph.build(block, h, cache.layers[i], rows, cos, sin, shared=(cos, sin))
         else: out = block(h, cache.layers[i], rows, cos, sin)
       h = out.realize()
     if not self.is_last: return h
