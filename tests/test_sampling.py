@@ -45,7 +45,7 @@ def test_filters_match_transformers():
   for j, i in enumerate(plain): np.testing.assert_array_equal(without[j], hf_kept(rows[i], params[i]), err_msg=f"row {i}: {params[i]}")
 
 def test_filters_match_transformers_at_a_real_vocabulary_size():
-  # SmolLM2's 49,152 tokens, 4 rows: the searches' sums are split into partial sums (on the CPU, opts.py's "batch sums" kernels)
+  # SmolLM2's 49,152 tokens, 4 rows: the searches' sums in 64 lanes of partial sums (on the CPU, opts.py's "batch sums" kernels)
   rng, V = np.random.default_rng(2), 49152
   params = [SamplingParams(0.2, top_p=0.9), SamplingParams(1.0, top_k=40, top_p=0.5), SamplingParams(0.7, top_p=0.95, min_p=0.05),
             SamplingParams(1.0, top_k=1000)]

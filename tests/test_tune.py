@@ -259,12 +259,13 @@ def test_a_quantized_decode_batch_is_numpys_product_as_a_loop_or_upcast(batch_lo
   [kernel] = tune.record(lambda: lanes_matvec(x, Tensor(ws), 16).realize())
   assert kernel.kind == "batch matvec" and any(o.op is OptOps.UPCAST for o in kernel.default)
 
-def test_a_batch_of_top_p_searches_takes_the_batch_sums_rule():
+def test_the_top_p_searches_take_the_batch_sums_rule():
   # test_sampling.py checks these kernels' results against transformers
   from tg_llama.sampling import SamplingParams, candidate_mask, pack
-  logits = Tensor.empty(4, 49152)
-  kernels = tune.record(lambda: candidate_mask(logits, pack([SamplingParams(1.0, top_p=0.9)] * 4), top_k=False).realize())
-  assert [k.shape for k in kernels if k.kind == "batch sums"] == [(4, 3, 256, 192)]
+  for rows, shape in ((1, (3, 64, 768)), (4, (4, 3, 64, 768))):  # 49,152 tokens in 64 lanes, 3 candidates a pass
+    logits = Tensor.empty(rows, 49152)
+    kernels = tune.record(lambda: candidate_mask(logits, pack([SamplingParams(1.0, top_p=0.9)] * rows), top_k=False).realize())
+    assert [k.shape for k in kernels if k.kind == "batch sums"] == [shape]
 
 def test_a_tables_batch_loop_is_read_and_written(tmp_path):
   tune.write(tune.Table(tune.machine(), "2026-01-02", "", (), True), tmp_path)

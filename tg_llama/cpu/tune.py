@@ -246,9 +246,10 @@ def _batch_matvec(shape):  # batch x rows x (K/A) x A: the batch a loop, or upca
 def _batch_matmul(shape):  # batch x rows x K: the batch times 2-8 rows in registers, K unrolled by 4 or 8
   return [[U(1, r), U(0, shape[0]), R(0, k)] for r in (4, 2, 8) for k in (4, 8)]
 
-def _batch_sums(shape):  # rows x candidates x partial sums x piece: 2-8 partial sums times the candidates (and 2 rows), piece unrolled by 4 or 8
-  c = shape[1]
-  return [[U(2, 4), U(1, c), R(0, 8)], [U(2, 8), U(1, c), R(0, 4)], [U(2, 2), U(1, c), R(0, 4)], [U(2, 4), U(1, c), U(0, 2), R(0, 4)]]
+def _batch_sums(shape):  # [rows x] candidates x lanes x (V / lanes): 4-32 lanes times the candidates (and 2 rows), or the sum unrolled by 2-4
+  lane, c = len(shape) - 2, len(shape) - 3
+  out = [[U(lane, n), U(c, shape[c])] for n in (16, 8, 32, 4)] + [[U(lane, 16), U(c, shape[c]), R(0, 2)], [U(lane, 8), U(c, shape[c]), R(0, 4)]]
+  return out + ([[U(lane, 8), U(c, shape[c]), U(0, 2)]] if len(shape) == 4 else [])
 
 def _prefill_matmul(shape):  # panels x tokens x panel rows x K: the panel's rows whole times 2-8 tokens, K unrolled by 2-8
   return [[U(2, shape[2]), U(1, tokens), R(0, k)] for tokens, k in ((4, 4), (8, 4), (2, 4), (4, 2), (4, 8), (8, 2), (2, 8))]
