@@ -116,6 +116,19 @@ def test_short_prompt_rests_run_as_rows(tiny, model, monkeypatch):
   # (tokens, chunk size): 71 = a whole chunk + 7 rows; 11 rows; 36 = a half chunk + 4 rows; 24 in a half chunk, padded
   assert chunks == [(64, 64), (32, 32), (24, 32)]
 
+def test_a_prompts_rows_pad_to_a_ready_graph(tiny):
+  """A prompt's last rows run in the smallest step whose graph is ready (captured or loaded), rather than capturing a new one
+  mid-conversation (a chat warmed up with steps of 1 and 8 rows); generating sequences get their own. Transformers' tokens."""
+  hf, path = tiny
+  model = tg_llama.load(path, max_context=96, graph_cache=False)  # one slot: steps of 1, 2, 4 and 8 rows
+  runner, eight, three = model.runner, [7] + list(range(20, 27)), [8, 30, 31]  # prompts of 8 and 3 rows
+  assert list(model.generate(eight, 4)) == reference_greedy(hf, eight, 4)
+  assert [b for b, jit in runner.decode_jits.items() if jit.captured is not None] == [1, 8]
+  assert list(model.generate(three, 4)) == reference_greedy(hf, three, 4)
+  assert runner.decode_jits[4].captured is None and runner.bucket(3, ready=True) == 8 and runner.bucket(3) == 4
+  # with none ready, the smallest that holds them
+  assert tg_llama.load(path, max_context=96, graph_cache=False).runner.bucket(3, ready=True) == 4
+
 def test_logprobs_are_transformers(tiny, model):
   hf, _ = tiny
   outs = list(model.engine.submit(Request(tuple(PROMPT), 3, logprobs=4)))

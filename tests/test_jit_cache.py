@@ -15,7 +15,7 @@ from tg_llama.jit_cache import GraphCache, graphs_enabled
 HERE = pathlib.Path(__file__).resolve()
 REPO = HERE.parent.parent
 FORCED = [5, 77, 200]  # tokens fed to decode after the prompt, one step each
-JITS = ["decode1", "decode4", "decode8", "greedy1", "greedy4", "prefill_half", "sample1", "sample4"]  # the graphs mode_run uses
+JITS = ["decode1", "decode8", "greedy1", "greedy8", "prefill_half", "sample1", "sample8"]  # the graphs mode_run uses
 
 def run(cache: pathlib.Path, path: str, context: int = 32, graph_cache: bool = True, devices: int = 1, env: dict | None = None) -> dict:
   """This file as a script: the tiny model on DEV=CPU with its caches in `cache`; its report (the last stdout line)."""
@@ -191,7 +191,6 @@ def test_a_pickle_naming_other_code_is_not_run(tmp_path):
 # ---- the subprocess ----
 
 def mode_run(path: str, prompt: str, context: str, graph_cache: str, devices: str) -> dict:
-  from tinygrad import dtypes
   import tg_llama
   from tg_llama.jit_cache import model_jits
   from tg_llama.sampling import SamplingParams
@@ -208,7 +207,8 @@ def mode_run(path: str, prompt: str, context: str, graph_cache: str, devices: st
     loaded = None if model.graphs is None else list(model.graphs.load())
     cnt = {name: jit.cnt for name, jit in jits.items()}
     # every graph used runs at least twice (captured, then replayed) before the engine's last step saves them: the prefill
-    # chunk here, and each request starts a new prefix, so its 12 prompt tokens run as steps of 8 and 4 rows
+    # chunk here, and each request starts a new prefix, so its 12 prompt tokens run as two steps of 8 rows (the last 4 padded
+    # to the step of 8, whose graph is ready)
     for _ in range(2): model.runner.prefill(0, PROMPT, 0)
     new_prefix = lambda k: [(t + 40 * k) % 384 for t in PROMPT]
     logits = [model.logits(new_prefix(k)) for k in range(2)][0]
@@ -231,3 +231,13 @@ def test_warm_up_saves_the_graphs_a_first_turn_runs(tiny, own_cache, capsys):
   warm_up(tg_llama.load(tiny[0], max_context=32))
   # a new start finds every graph the warm-up runs: a 2-token prompt's 2-row step, then 1-row steps
   assert {"decode1", "greedy1", "decode2", "greedy2"} <= set(tg_llama.load(tiny[0], max_context=32).graphs.load())
+
+def test_a_chats_warm_up_saves_what_its_first_turn_runs(tiny, own_cache, capsys):
+  import tg_llama
+  from tg_llama.cli import warm_up
+  from tg_llama.sampling import SamplingParams
+  warm_up(tg_llama.load(tiny[0], max_context=64), SamplingParams(temperature=0.2, top_p=0.9, repetition_penalty=1.05))
+  # a half prefill chunk and its last 8 tokens as a step of 8 rows, then steps of 1, each sampled; no greedy 2-row step
+  # (a later turn's last rows pad to the step of 8: test_engine.py's test_a_step_of_rows_pads_to_a_ready_graph)
+  loaded = set(tg_llama.load(tiny[0], max_context=64).graphs.load())
+  assert {"prefill_half", "decode8", "sample8", "decode1", "sample1"} <= loaded and not {"decode2", "greedy2"} & loaded, loaded

@@ -110,7 +110,8 @@ class PipelineRunner:
       return self._unsent(RemoteLogits(self, 1, x, ("chunk", slot, start + last), after, run, {slot: start}))
     return self._call(run, slot_starts={slot: start})
 
-  def decode(self, rows: Sequence[tuple[int, int, int]]) -> RemoteLogits:
+  def decode(self, rows: Sequence[tuple[int, int, int]], pad_to_ready: bool = False) -> RemoteLogits:
+    # each stage captures its own graphs: the steps run in the smallest bucket that holds them (pad_to_ready is for one process)
     rows = list(rows)
     starts: dict[int, int] = {}
     for s, p, _ in rows: starts[s] = min(p, starts.get(s, p))

@@ -196,7 +196,7 @@ class Engine:
     """One batched step, sent: each row is a generating sequence's last token (None) or the prompt token at that index.
     Its rows, the rows that emit a token, and its logits (a pipeline's may still be computing); _receive_oldest emits them."""
     batch = [(s.slot.index, len(s.slot.tokens), s.generated[-1]) if i is None else (s.slot.index, i, s.request.prompt[i]) for s, i in rows]
-    logits = self.runner.decode(batch)
+    logits = self.runner.decode(batch, pad_to_ready=any(i is not None for _, i in rows))  # a prompt's rows pad to a ready step
     emitting = []
     for r, ((seq, i), (_, _, token)) in enumerate(zip(rows, batch)):
       seq.in_flight += 1
