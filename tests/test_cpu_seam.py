@@ -18,7 +18,7 @@ from tinygrad.engine.jit import CapturedJit
 
 HERE = pathlib.Path(__file__).resolve()
 REPO = HERE.parent.parent
-CPU_MODULES = ["tg_llama.cpu", "tg_llama.cpu.graph", "tg_llama.cpu.opts"]
+CPU_MODULES = ["tg_llama.cpu", "tg_llama.cpu.graph", "tg_llama.cpu.opts", "tg_llama.cpu.vectors"]
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory) -> dict:
@@ -52,7 +52,8 @@ def test_import_and_another_backend_leave_the_cpu_package_alone(tiny):
 def test_the_cpu_backend_imports_it_and_runs_it(tiny):
   out = run(tiny, "cpu")
   assert out["after_import"] == [] and out["device"] == "CPU" and set(CPU_MODULES) <= set(out["after_run"])
-  assert out["our_heuristic"] and out["our_pool"] and out["graph"] == "ThreadedJit" and out["warnings"] == []
+  assert out["our_heuristic"] and out["our_pool"] and out["our_vectors"] and out["graph"] == "ThreadedJit" and out["warnings"] == []
+  assert out["vectors_said"].startswith("loads up to ") and "tinygrad's" not in out["vectors_said"]  # what the bench says
 
 def test_the_layout_is_the_backends():
   from tg_llama import cpu
@@ -70,12 +71,34 @@ def without(module: types.ModuleType, name: str | None) -> types.ModuleType:
   return fake
 
 @pytest.mark.parametrize("module,alias,name", [("tg_llama.cpu.opts", "heuristic", "hand_coded_optimizations"),
-                                               ("tg_llama.cpu.graph", "realize", "get_runtime")])
+                                               ("tg_llama.cpu.graph", "realize", "get_runtime"),
+                                               ("tg_llama.cpu.vectors", "coalesce", "memory_coalescing")])
 def test_a_missing_internal_falls_back_with_one_warning(tiny, module, alias, name):
   out = run(tiny, "cpu", module, alias, name)  # the same tokens as transformers', as on the normal path above
   assert len(out["warnings"]) == 1 and f"tinygrad's own path: this tinygrad has no {out['missing']}.{name}" in out["warnings"][0], out["warnings"]
-  if alias == "heuristic": assert not out["our_heuristic"] and not out["our_pool"] and out["graph"] == "ThreadedJit"
-  else: assert out["our_heuristic"] and out["our_pool"] and out["graph"] == "CapturedJit"
+  if alias == "heuristic": assert not out["our_heuristic"] and not out["our_pool"] and not out["our_vectors"] and out["graph"] == "ThreadedJit"
+  elif alias == "realize": assert out["our_heuristic"] and out["our_pool"] and out["our_vectors"] and out["graph"] == "CapturedJit"
+  else: assert out["our_heuristic"] and out["our_pool"] and not out["our_vectors"] and out["graph"] == "ThreadedJit" and "(tinygrad's)" in out["vectors_said"]
+
+def test_lengths_not_as_we_know_them_keep_tinygrads_folding_with_one_warning(monkeypatch):
+  # another tinygrad whose memory_coalescing chooses its vector lengths otherwise: we do not rewrite it
+  from tg_llama import cpu
+  from tg_llama.cpu import vectors
+  monkeypatch.setattr(vectors, "THEIRS", "lengths = [4,2]  # another tinygrad's")
+  monkeypatch.setattr(vectors.codegen, "memory_coalescing", vectors.coalesce.memory_coalescing)  # as before any install()
+  vectors.wide_coalescing.cache_clear()
+  cpu.fall_back.cache_clear()
+  try:
+    with warnings.catch_warnings(record=True) as caught:
+      warnings.simplefilter("always")
+      vectors.install()
+      vectors.install()
+    assert [str(w.message) for w in caught] == ["folding the CPU's loads into vectors uses tinygrad's own path: this tinygrad has no "
+                                               "'lengths = [4,2]  # another tinygrad's' in memory_coalescing"]
+    assert vectors.codegen.memory_coalescing is vectors.coalesce.memory_coalescing
+  finally:
+    vectors.wide_coalescing.cache_clear()
+    cpu.fall_back.cache_clear()
 
 @pytest.mark.parametrize("alias,name", [("heuristic", "hand_coded_optimizations"), ("worker", "_init_worker"),
                                         ("realize", "get_worker_pool"), ("search", "get_worker_pool")])
@@ -147,8 +170,10 @@ def mode_run(path: str, prompt: str, backend: str, module: str, alias: str, name
   if backend == "cpu":
     import tinygrad.codegen.opt.heuristic as heuristic
     import tinygrad.engine.realize as realize
-    from tg_llama.cpu import opts
-    out.update(our_heuristic=heuristic.hand_coded_optimizations is opts.hand_coded_optimizations, our_pool=realize.get_worker_pool is opts.get_worker_pool)
+    import tinygrad.codegen as codegen
+    from tg_llama.cpu import opts, vectors
+    out.update(our_heuristic=heuristic.hand_coded_optimizations is opts.hand_coded_optimizations, our_pool=realize.get_worker_pool is opts.get_worker_pool,
+               our_vectors=codegen.memory_coalescing is vectors.memory_coalescing, vectors_said=vectors.describe())
   return out
 
 if __name__ == "__main__":

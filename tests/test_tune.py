@@ -10,7 +10,7 @@ The tune and the model run in subprocesses (`python tests/test_tune.py tune|use 
 folder: which choices tinygrad's heuristic makes is per process. The tune is cut to a kernel of each kind, two
 candidates each and one round of timing, to stay fast."""
 from __future__ import annotations
-import json, os, pathlib, subprocess, sys, warnings
+import json, os, pathlib, re, subprocess, sys, warnings
 import numpy as np
 import pytest
 from tinygrad import Tensor
@@ -161,6 +161,32 @@ def test_a_prefill_chunks_product_reads_its_weight_in_panels_under_the_prefill_t
   [kernel] = tune.record(lambda: matmul(x, w).realize())
   assert (kernel.kind, kernel.shape) == ("prefill matmul", (6, 64, 16, 128))
   np.testing.assert_allclose(matmul(x, w).numpy(), xs @ ws.T, atol=1e-4, rtol=1e-5)
+
+def test_a_panel_product_loads_vectors_as_wide_as_the_cpus_registers(monkeypatch):
+  # tg_llama/cpu/vectors.py: the CPU's kernels fold contiguous loads up to the register's width (tinygrad's own: 4), the same
+  # numbers as numpy's; another device's renderer, or tinygrad's folding, keeps vectors of 4
+  import tinygrad.codegen as codegen
+  from tinygrad.uop.ops import Ops
+  from tg_llama.cpu import vectors
+  from tg_llama.linear import matmul
+  assert [vectors.widest(f) for f in ("flags : fpu sse2 avx avx2 fma", "flags : avx2 avx512f avx512bw", "Features : fp asimd", "")] == [8, 16, 4, 4]
+  def widths(rows: int) -> set[int]:  # the vector widths of the loads of a (64, 128) x (rows, 128).T product, in its C source
+    x, w = Tensor(xs).realize(), Tensor(ws[:rows]).realize()
+    [kernel] = tune.record(lambda: matmul(x, w).realize())
+    _, program = tune._compile((0, opts.applied(kernel.k, kernel.default)))
+    [source] = [u.arg for u in program.toposort() if u.op is Ops.SOURCE]
+    np.testing.assert_allclose(matmul(x, w).numpy(), xs @ ws[:rows].T, atol=1e-4, rtol=1e-5)
+    return {int(n) for n in re.findall(r"\(\(float(\d+)\*\)", source)}
+  rng = np.random.default_rng(2)
+  xs, ws = rng.standard_normal((64, 128)).astype(np.float32), rng.standard_normal((96, 128)).astype(np.float32)
+  monkeypatch.setattr(codegen, "memory_coalescing", vectors.memory_coalescing)  # as the CPU backend's install() leaves it
+  assert max(widths(96)) == min(16, vectors.width())
+  monkeypatch.setattr(codegen, "memory_coalescing", vectors.coalesce.memory_coalescing)  # another kernel: tinygrad caches programs
+  assert max(widths(80)) == 4
+  opencl = type("Renderer", (), {"target": type("Target", (), {"device": "CL"})(), "supports_float4": True})()
+  seen = []
+  monkeypatch.setattr(vectors, "tinygrads", lambda: lambda sink, ctx: seen.append(ctx) or sink)
+  assert vectors.memory_coalescing("sink", opencl) == "sink" and seen == [opencl]  # another device: tinygrad's own
 
 def test_a_weight_over_the_panel_budget_is_packed_and_multiplied_in_pieces(monkeypatch):
   # each piece of its output rows packed just before its product: the memory held packed is one piece's, not the weight's

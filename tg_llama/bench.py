@@ -151,8 +151,8 @@ def bench_ours(args, path: pathlib.Path) -> dict:
   dtype = {"float": "float32", "half": "float16", "__bf16": "bfloat16"}.get(model.dtype.name, model.dtype.name)
   kernels = "tinygrad's heuristic"
   if model.backend.name == "cpu":  # tg_llama.cpu is imported only on the CPU backend
-    from tg_llama.cpu import tune
-    kernels = tune.describe()
+    from tg_llama.cpu import tune, vectors
+    kernels = f"{tune.describe()}; {vectors.describe()}"
   return {"name": "tg-llama", "device": model.device, "dtype": dtype, "quantize": model.quantization["mode"], "kernel_choices": kernels,
           "load_s": load_s, "ttft_cold_s": ttft_cold, "ttft_warm_s": ttft_warm, "prefill_tok_s": P / ttft_warm,
           "decode_tok_s": decode, "decode_tok_s_runs": [d for _, d in timed["greedy"]], **memory_bound(model, path, runtime_mb, model_peak if "constrained" in ways else peak_rss_mb()), "vocab_size": vocab,

@@ -148,8 +148,8 @@ def cmd_serve(args) -> int:
   warm_up(model)
   warm_up_batches(model, args.slots)
   if model.backend is not None and model.backend.name == "cpu":  # batches' speed depends on them most (tg_llama/cpu/tune.py)
-    from tg_llama.cpu import tune
-    print(f"CPU kernel choices: {tune.describe()}", file=sys.stderr)
+    from tg_llama.cpu import tune, vectors
+    print(f"CPU kernel choices: {tune.describe()}; {vectors.describe()}", file=sys.stderr)
   path = model.checkpoint.path
   model_id = args.model_id or (path.stem if path.is_file() else path.name)
   return run(model, args.host, args.port, model_id, args.api_key or os.environ.get("TG_LLAMA_API_KEY") or None)

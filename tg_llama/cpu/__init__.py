@@ -1,6 +1,6 @@
 """What the CPU backend needs beyond tinygrad: the kernel choices for decoding (opts.py; tune.py searches them on the
-machine, `tg-llama tune`), the replay of captured graphs from C on every core (graph.py), and the layout the model writes
-its reductions in for them (LAYOUT).
+machine, `tg-llama tune`), vector loads as wide as the CPU's registers (vectors.py), the replay of captured graphs from C
+on every core (graph.py), and the layout the model writes its reductions in for them (LAYOUT).
 
 Imported only when the CPU backend runs: tg_llama/backend.py calls install() when it resolves the CPU, the runner's Jit
 hands a captured graph of CPU kernels to graph.py, and backend.kernel_layout gives the model LAYOUT for CPU tensors.

@@ -32,7 +32,7 @@ from tinygrad.codegen.opt import KernelOptError, Opt, OptOps
 from tinygrad.codegen.opt.postrange import Scheduler
 from tinygrad.helpers import NUM_CPU_THREADS, PARALLEL, getenv, prod
 from tinygrad.uop.ops import AxisType, Ops, UOp
-from tg_llama.cpu import LAYOUT, fall_back
+from tg_llama.cpu import LAYOUT, fall_back, vectors
 
 _theirs = getattr(heuristic, "hand_coded_optimizations", None)  # tinygrad's, taken before install() rebinds it
 MAX_LANES = LAYOUT.matvec_lanes  # the widest lane axis the CPU's layout writes
@@ -231,6 +231,7 @@ def install(tuned: dict | None = None, batch_loop: bool = False):
   TUNED.update(tuned or {})
   BATCH_LOOP = batch_loop
   heuristic.hand_coded_optimizations = hand_coded_optimizations  # looked up at each use
+  vectors.install()
   realize.get_worker_pool = search.get_worker_pool = get_worker_pool
 
 def _init_worker(tuned: dict, batch_loop: bool):
@@ -239,6 +240,7 @@ def _init_worker(tuned: dict, batch_loop: bool):
   TUNED.update(tuned)
   BATCH_LOOP = batch_loop
   heuristic.hand_coded_optimizations = hand_coded_optimizations
+  if not vectors.lacking(): vectors.install()
 
 def get_worker_pool():
   """tinygrad's compile pool (engine/worker.py's get_worker_pool), its workers started with our heuristic."""
