@@ -48,6 +48,22 @@ def test_written_buffers_are_tinygrads(tiny_path, monkeypatch):
     theirs = CapturedJit(c.ret, c._linear, c.expected_names, c.expected_input_info)._written_uops
     assert theirs and c._written_uops == theirs == cpu_graph.written_buffers(c.linear)
 
+def test_every_buffer_a_graph_hands_its_kernels_starts_on_a_64_byte_boundary(tiny_path):
+  # tg_llama/cpu/vectors.py's loads of 8 or 16 floats are typedef'd aligned(32) / aligned(64), and clang moves them with
+  # aligned instructions (vmovaps), which fault on an address off that boundary: tinygrad maps each buffer by the page and
+  # plans a graph's intermediates in an arena of 256-byte blocks. Checked on the addresses the replays passed, inputs too
+  from tg_llama.sampling import SamplingParams
+  model = tg_llama.load(tiny_path, max_context=96, graph_cache=False)
+  for first in (1, 2): model.logits([first] + PROMPT + [5] * 70)  # another first token: no prefix reused, the chunk replays
+  for sampling in (None, SamplingParams(temperature=0.7, top_p=0.9, seed=1)):
+    for _ in range(2): list(model.generate(PROMPT, 6, sampling))
+  graphs = {name: jit.captured for name, jit in model.runner.jits().items() if name in ("prefill", "decode1", "greedy1", "sample1")}
+  assert len(graphs) == 4 and all(isinstance(c, cpu_graph.ThreadedJit) for c in graphs.values())  # each replayed: its inputs in its table
+  for name, c in graphs.items():
+    for row, call in enumerate(c.linear.src):
+      addresses = c.graph.table[row, 3:3 + len(call.src[0].arg.globals)]
+      assert all(int(a) != 0 and int(a) % 64 == 0 for a in addresses), (name, row, [hex(int(a)) for a in addresses])
+
 def test_threaded_jit_pickles_as_tinygrads(tiny_path, monkeypatch):
   captured = run(tiny_path, monkeypatch, graph=True)[2]
   assert type(pickle.loads(pickle.dumps(captured))) is CapturedJit  # graph files hold nothing of ours
