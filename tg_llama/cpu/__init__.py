@@ -31,3 +31,7 @@ def install():
 def fall_back(what: str, lacking: str):
   """The one warning that `what` keeps tinygrad's own path, as tinygrad lacks `lacking` (once per process for each)."""
   warnings.warn(f"{what} uses tinygrad's own path: this tinygrad has no {lacking}", RuntimeWarning, stacklevel=3)
+
+def missing(owner, *names: str) -> list[str]:
+  """The names of `names` that `owner` (a tinygrad module or class) lacks, as '<owner>.<name>'."""
+  return [f"{owner.__name__}.{name}" for name in names if not hasattr(owner, name)]

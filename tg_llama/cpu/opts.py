@@ -32,7 +32,7 @@ from tinygrad.codegen.opt import KernelOptError, Opt, OptOps
 from tinygrad.codegen.opt.postrange import Scheduler
 from tinygrad.helpers import NUM_CPU_THREADS, PARALLEL, getenv, prod
 from tinygrad.uop.ops import AxisType, Ops, UOp
-from tg_llama.cpu import LAYOUT, fall_back, vectors
+from tg_llama.cpu import LAYOUT, fall_back, missing, vectors
 
 _theirs = getattr(heuristic, "hand_coded_optimizations", None)  # tinygrad's, taken before install() rebinds it
 MAX_LANES = LAYOUT.matvec_lanes  # the widest lane axis the CPU's layout writes
@@ -207,10 +207,6 @@ def threaded(k):
       except KernelOptError: pass
       break
   return k
-
-def missing(owner, *names: str) -> list[str]:
-  """The names of `names` that `owner` (a tinygrad module or class) lacks, as '<owner>.<name>'."""
-  return [f"{owner.__name__}.{name}" for name in names if not hasattr(owner, name)]
 
 def lacking() -> list[str]:
   """What this module rebinds or reads of tinygrad's internals that this tinygrad does not have."""

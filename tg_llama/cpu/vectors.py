@@ -16,7 +16,7 @@ from __future__ import annotations
 import functools, inspect
 import tinygrad.codegen as codegen
 import tinygrad.codegen.late.coalesce as coalesce
-from tg_llama.cpu import fall_back
+from tg_llama.cpu import fall_back, missing
 from tg_llama.cpu.graph import cpu_features
 
 THEIRS = 'lengths = [8,4,2] if buf.dtype == dtypes.half and getenv("ALLOW_HALF8") else [4,2]'
@@ -48,13 +48,13 @@ def memory_coalescing(sink, ctx):
 
 def describe() -> str:
   """The vector width in use, in words (the bench prints it with the kernel choices)."""
-  if codegen.memory_coalescing is memory_coalescing and wide_coalescing(width()) is not None: return f"loads up to {width()} floats a vector"
+  if codegen.memory_coalescing is memory_coalescing: return f"loads up to {width()} floats a vector"  # installed: lacking() found nothing
   return "loads up to 4 floats a vector (tinygrad's)"
 
 def lacking() -> list[str]:
   """What this module rebinds or rewrites of tinygrad's that this tinygrad does not have."""
-  gone = [f"{m.__name__}.memory_coalescing" for m in (coalesce, codegen) if not hasattr(m, "memory_coalescing")]
-  return gone or ([] if wide_coalescing(8) is not None else [f"'{THEIRS}' in memory_coalescing"])
+  if gone := missing(coalesce, "memory_coalescing") + missing(codegen, "memory_coalescing"): return gone
+  return [] if wide_coalescing(8) is not None else [f"'{THEIRS}' in memory_coalescing"]
 
 def install():
   """Route codegen's memory_coalescing through ours in this process (opts.py's compile workers call this when they start),
