@@ -261,6 +261,13 @@ def test_a_probe_that_fails_leaves_the_defaults_with_one_warning(tmp_path, monke
     tune.install()
   assert opts.BATCH_LOOP is False and tune.read_tables(tmp_path) == []  # nothing kept: probed again next time
 
+def test_the_probe_times_the_cpus_kernels_whatever_tinygrads_default_device():
+  # with DEV unset where OpenCL is installed, tinygrad's default device is CL: the probe's layer was made there and failed
+  # ("all buffers must be on the same device"), and every first start used the defaults with a warning
+  from tinygrad import Context
+  with Context(DEV="NULL"): loop, times = tune.probe()
+  assert set(times) == {4, 8} and all(upcast > 0 and as_loop > 0 for upcast, as_loop in times.values())
+
 @pytest.mark.parametrize("batch_loop", [False, True])
 def test_a_quantized_decode_batch_is_numpys_product_as_a_loop_or_upcast(batch_loop, monkeypatch):
   # both ways the probe may choose to run a decode batch's product of Q4_1 and Q8_0 blocks give numpy's x @ dequantized w.T;
