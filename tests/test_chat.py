@@ -38,11 +38,19 @@ def test_piped_chat_answers_and_exits_on_eof(reference):
   assert r.stdout == chat_answer(reference, "What is 2+2?", 24) + "\n"
   assert "Traceback" not in r.stderr
 
-def test_terminal_chat_streams_and_ctrl_c_returns_to_prompt(reference):
-  child = pexpect.spawn(CHAT[0], CHAT[1:] + ["--max-new-tokens", "300"], env=ENV, encoding="utf-8", timeout=300)
+def test_terminal_chat_streams_and_ctrl_c_returns_to_prompt(reference, tmp_path):
+  # nothing cached: the warm-up (about a minute on 2 cores) runs while the first message is typed, and a message sent
+  # before it ends waits for it, saying so; Ctrl-C while it waits returns to the prompt, the warm-up going on
+  child = pexpect.spawn(CHAT[0], CHAT[1:] + ["--max-new-tokens", "300"], env={**ENV, "TG_LLAMA_CACHE": str(tmp_path)}, encoding="utf-8", timeout=300)
   try:
     child.expect_exact(">>> ")
     child.sendline("What is 2+2?")
+    child.expect_exact("compiling kernels (fast after the first run on this backend)...")
+    child.sendintr()
+    child.expect_exact("[stopped]")
+    child.expect_exact(">>> ")
+    child.sendline("What is 2+2?")
+    child.expect_exact("compiling kernels (fast after the first run on this backend)...")
     child.expect_exact(chat_answer(reference, "What is 2+2?", 24).replace("\n", "\r\n"))  # a terminal writes \r\n
     child.expect_exact(">>> ")
     child.sendline("Write a very long story about a dragon who learns to cook.")

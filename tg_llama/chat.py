@@ -6,7 +6,7 @@ Ctrl-C stops the current answer and returns to the prompt.
 Not here: multi-line input editing, saving conversations, tool calls."""
 from __future__ import annotations
 import sys, time
-from typing import TextIO
+from typing import Callable, TextIO
 from tg_llama.api import Model
 from tg_llama.chat_template import encode_chat
 from tg_llama.errors import ContextLengthError
@@ -61,7 +61,10 @@ class ChatSession:
       self.turns.append({"role": "assistant", "content": "".join(text).strip()})
     return n, time.perf_counter() - start
 
-def run_chat(model: Model, session: ChatSession, show_stats: bool = False, inp: TextIO = sys.stdin, out: TextIO = sys.stdout) -> int:
+def run_chat(model: Model, session: ChatSession, show_stats: bool = False, inp: TextIO = sys.stdin, out: TextIO = sys.stdout,
+             ready: Callable[[], None] | None = None) -> int:
+  """The chat loop. `ready`, called before each answer: waits for what must run first (tg_llama/cli.py's warm-up, running
+  while the first message is typed)."""
   interactive = inp.isatty()
   if interactive: print("Type a message; /reset clears the history, /exit or Ctrl-D quits, Ctrl-C stops an answer.", file=sys.stderr)
   while True:
@@ -80,7 +83,9 @@ def run_chat(model: Model, session: ChatSession, show_stats: bool = False, inp: 
       session.reset()
       print("[history cleared]", file=sys.stderr)
       continue
-    try: n, seconds = session.reply(line, out)
+    try:
+      if ready is not None: ready()
+      n, seconds = session.reply(line, out)
     except ContextLengthError as e:
       print(f"error: {e}", file=sys.stderr)
       continue

@@ -1,6 +1,6 @@
 """The `tg-llama` command: chat, generate, serve, convert, bench, tune, cache. Errors print one line, never a traceback."""
 from __future__ import annotations
-import argparse, pathlib, sys, time
+import argparse, pathlib, sys, threading, time
 from tg_llama.errors import InvalidArgumentError, TgLlamaError
 
 def add_model_args(p: argparse.ArgumentParser):
@@ -68,11 +68,13 @@ def load_model(args, slots: int = 1):
         f"{time.perf_counter() - start:.1f} s", file=sys.stderr)
   return model
 
-def warm_up(model, sampling=None):
+COMPILING = "compiling kernels (fast after the first run on this backend)..."
+
+def warm_up(model, sampling=None, quiet: bool = False):
   """Compile and capture what a first request runs, now, so that it is not slow (kernels and captured graphs are cached on
   disk afterwards): a short prompt's prefill and decode, or with `sampling` (the chat's) what a chat's first turn runs."""
   start = time.perf_counter()
-  print("compiling kernels (fast after the first run on this backend)...", end="", file=sys.stderr, flush=True)
+  if not quiet: print(COMPILING, end="", file=sys.stderr, flush=True)
   if sampling is not None and model.max_context > 48:
     # a chat's first turn (system message and question: 20-60 tokens) runs a half prefill chunk, a step of 8 rows (its
     # last tokens, and then the sample of its first token) and steps of 1: captured here where they are not loaded, rather
@@ -90,7 +92,25 @@ def warm_up(model, sampling=None):
     loaded = model.graphs.load() if model.graphs is not None else getattr(model.runner, "graphs_loaded", lambda: ())()
     runs = 1 if {"decode1", "greedy1", "decode2", "greedy2"} <= set(loaded) else 2
     for i in range(runs): list(model.generate([i % model.config.vocab_size] * 2, 3))
-  print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr)
+  if not quiet: print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr)
+
+def warm_up_while_typing(model, sampling):
+  """warm_up in a thread while a person types the first message (after an install it takes about a minute on 2 cores);
+  the returned function waits for it, saying so when it is still running. The model is used by one thread at a time: the
+  chat calls the function before each answer. An Event, not Thread.join: a join that Ctrl-C interrupts can leave
+  is_alive() False while the thread runs (Python before 3.13)."""
+  start, done = time.perf_counter(), threading.Event()
+  def run():
+    try: warm_up(model, sampling, quiet=True)
+    except Exception: pass  # the answer meets the same failure, and reports it as answers do
+    finally: done.set()
+  threading.Thread(target=run, name="tg-llama-warm-up", daemon=True).start()
+  def wait():
+    if not done.is_set():
+      print(COMPILING, end="", file=sys.stderr, flush=True)
+      done.wait()
+      print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr)
+  return wait
 
 def warm_up_batches(model, slots: int):
   """Capture what a server also runs: sampled decoding, and every batch size up to `slots` sequences at once."""
@@ -104,6 +124,7 @@ def cmd_chat(args) -> int:
   from tg_llama.chat import ChatSession, run_chat
   model = load_model(args)
   session = ChatSession(model, system=args.system, sampling=sampling_from(args), max_new_tokens=args.max_new_tokens)
+  if sys.stdin.isatty(): return run_chat(model, session, show_stats=args.stats, ready=warm_up_while_typing(model, session.sampling))
   warm_up(model, session.sampling)
   return run_chat(model, session, show_stats=args.stats)
 
