@@ -26,14 +26,16 @@ tinygrad 0.14), int8/int4 embeddings (the token embedding stays float there; a t
 quantized copy), tensor parallelism (scales would have to be split alongside the weights), writing quantized
 checkpoints (`quantize_model` returns the dict to record in their config)."""
 from __future__ import annotations
+import functools, operator
 from typing import Callable
 import numpy as np
 from tinygrad import Device, Tensor, dtypes, nn
 from tg_llama.errors import UnsupportedModelError
 from tg_llama.transfer import to_device
-from tg_llama.linear import Experts, Linear, experts_matmul, lanes_matvec, matmul, matvec_rows
+from tg_llama.linear import Experts, Linear, experts_matmul, lanes_matvec, matmul, matvec_rows, one_row
 
 MODES = ("none", "int8", "int4", "gguf")
+LANES = 16  # a grouped int8 layer's lanes for one token (Int8Linear)
 
 class Int8Linear:
   """y = x @ (weight * scale).T with weight int8 (out, in) and scale (out, in // group_size), float32 unless given;
@@ -49,6 +51,14 @@ class Int8Linear:
     (N, K), G = self.weight.shape, self.group_size
     if G == K and matvec_rows(x):  # one scale per row: applied once to each dot product
       return lanes_matvec(x, self.weight, scale=self.scale[:, 0].cast(x.dtype))
+    if one_row(x) and G % LANES == 0:
+      # one token: lane j of a block sums the products of its elements j, j+16, ..., then multiplies by the block's scale
+      # (one multiply per lane and block, not per weight): Q8_0's 49152x576 head 4.0 -> 2.5 ms on one core, 8192x2048 32.8
+      # (2 blocks a step then) -> 1.4 ms (AMD EPYC, Zen 4)
+      xs = x.contiguous().reshape(*x.shape[:-1], 1, K // G, G // LANES, LANES)
+      q = self.weight.reshape(N, K // G, G // LANES, LANES)
+      dots = functools.reduce(operator.add, [xs[..., i, :] * q[:, :, i].cast(x.dtype) for i in range(G // LANES)])
+      return (dots * self.scale.cast(x.dtype).unsqueeze(-1)).sum(-2).sum(-1).contiguous()
     w = (self.weight.cast(x.dtype).reshape(N, K // G, G) * self.scale.cast(x.dtype).unsqueeze(-1)).reshape(N, K)
     # a block per lane step (one scale per step): measured 4.8 ms vs 7-8 ms with 64 lanes at 49152x576
     return lanes_matvec(x, w, n_lanes=G) if matvec_rows(x) else matmul(x, w)
