@@ -53,8 +53,7 @@ class Int8Linear:
       return lanes_matvec(x, self.weight, scale=self.scale[:, 0].cast(x.dtype))
     if one_row(x) and G % LANES == 0:
       # one token: lane j of a block sums the products of its elements j, j+16, ..., then multiplies by the block's scale
-      # (one multiply per lane and block, not per weight): Q8_0's 49152x576 head 4.0 -> 2.5 ms on one core, 8192x2048 32.8
-      # (2 blocks a step then) -> 1.4 ms (AMD EPYC, Zen 4)
+      # (one multiply per lane and block, not per weight): Q8_0's 49152x576 head 4.0 -> 2.5 ms on one core (AMD EPYC, Zen 4)
       xs = x.contiguous().reshape(*x.shape[:-1], 1, K // G, G // LANES, LANES)
       q = self.weight.reshape(N, K // G, G // LANES, LANES)
       dots = functools.reduce(operator.add, [xs[..., i, :] * q[:, :, i].cast(x.dtype) for i in range(G // LANES)])

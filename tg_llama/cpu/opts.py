@@ -51,8 +51,9 @@ def _reads(k, dtype) -> bool:
 
 def _int8_steps(k, blocks: int) -> list[Opt]:
   """One row's product of int8 weights: 3 blocks of lanes a step where they divide the blocks (see rule), none for other
-  weights. Never 2: clang 14 then leaves the kernel scalar, 22-25x slower on the AMD EPYC (Zen 4) for Q8_0 blocks 2048 wide
-  (8192x2048 one row 32.8 -> 1.4 ms, a batch loop of 4 rows 133 -> 5.4 ms on one core; 2 was never measured to win)."""
+  weights. Never 2: clang 14 then leaves the kernel scalar on the AMD EPYC (Zen 4) for Q8_0 blocks 2048 wide (8192x2048,
+  one core: a batch loop of 4 rows 133 ms with 2 a step, 5.4 ms with none; one row 32.8 ms with 2 a step in the 32-lane
+  layout, 1.4 ms in quantize.py's 16 lanes with none; 2 was never measured to win)."""
   return [Opt(OptOps.UNROLL, 0, 3)] if blocks % 3 == 0 and _reads(k, dtypes.int8) else []
 
 def rule(k) -> tuple[str, list[Opt]] | None:

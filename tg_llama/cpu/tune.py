@@ -35,7 +35,7 @@ import tinygrad.codegen.opt.postrange as postrange
 import tinygrad.codegen.opt.search as search
 import tinygrad.engine.realize as realize
 import tinygrad.tensor as tensor
-from tinygrad import Context, Tensor, dtypes, nn
+from tinygrad import Context, Tensor, dtypes
 from tinygrad.codegen import to_program
 from tinygrad.codegen.opt import KernelOptError, Opt, OptOps
 from tinygrad.device import CompileError
@@ -383,9 +383,8 @@ def probe() -> tuple[bool, dict[int, tuple[float, float]]]:
   rule), and the two times in ms by batch size: a PROBE-shaped Q4_1 layer of 4 and of 8 rows, timed as tune times
   candidates (a few seconds). The loop where it wins both by MIN_GAIN."""
   from tg_llama.quantize import Int4Linear
-  layer, rows = Int4Linear(*PROBE, scale_dtype=dtypes.half), (4, 8)
-  # on the CPU whatever tinygrad's default device is (DEV unset where OpenCL is installed: its default is CL)
-  for name, t in nn.state.get_state_dict(layer).items(): setattr(layer, name, Tensor.empty(*t.shape, dtype=t.dtype, device="CPU"))
+  # made on the CPU whatever tinygrad's default device is (DEV unset where OpenCL is installed: its default is CL)
+  with Context(DEV="CPU"): layer, rows = Int4Linear(*PROBE, scale_dtype=dtypes.half), (4, 8)
   batch_loop, opts.BATCH_LOOP = opts.BATCH_LOOP, False  # the rule's upcast is the default here
   try: kernels = record(lambda: [layer(Tensor.empty(n, 1, PROBE[0], device="CPU")).realize() for n in rows])
   finally: opts.BATCH_LOOP = batch_loop
