@@ -48,7 +48,7 @@ def test_the_tune_finds_kernels_of_several_kinds_and_writes_this_machines_table(
   changed = [e for e, (_, n) in zip(table.entries, tuned["chose"]) if n > 1]
   assert len(changed) >= 2 and all(e.opts is not None and e.opts != e.default for e in changed)
   assert f"tuning kernel 1/{len(table.entries)} (" in tuned["stderr"] and tuned["summary"].startswith("kernel ")
-  batch = "as a loop" if table.batch_loop else "upcast"
+  batch = tune.loop_text(table.batch_loop, table.batch_rows)
   assert tune.describe(tuned["cache"] / "cpu") == f"tuned for {table.machine['cpu']} on {table.date}, {len(changed)} of " \
                                                   f"{len(table.entries)} kernels changed, a quantized decode batch {batch}"
   assert oct((tuned["cache"] / "cpu" / "tuned.json").stat().st_mode & 0o777) == "0o600"
@@ -121,6 +121,8 @@ def hostile() -> dict:
     "nan time": json.dumps(ok()).encode().replace(b'"default_ms": 1.0', b'"default_ms": NaN'),
     "too many tables": {"format": tune.FORMAT, "tables": [table(tune.machine())] * (tune.MAX_TABLES + 1)},
     "a batch_loop not a bool": {"format": tune.FORMAT, "tables": [{**table(tune.machine(), [KERNEL]), "batch_loop": "yes"}]},
+    "batch_rows of 3": {"format": tune.FORMAT, "tables": [{**table(tune.machine(), [KERNEL]), "batch_rows": 3}]},
+    "batch_rows true": {"format": tune.FORMAT, "tables": [{**table(tune.machine(), [KERNEL]), "batch_rows": True}]},
     "an extra key in a table": {"format": tune.FORMAT, "tables": [{**table(tune.machine(), [KERNEL]), "batch_looop": True}]},
   }
 
@@ -238,17 +240,22 @@ def test_the_graph_key_follows_the_choices_in_use(monkeypatch):
 # ---- the probe ----
 
 def test_a_machine_without_a_table_is_probed_once_and_keeps_the_probes_table(tmp_path, monkeypatch):
-  monkeypatch.setattr(opts, "TUNED", {})  # install() sets both: restored after the test
+  monkeypatch.setattr(opts, "TUNED", {})  # install() sets these: restored after the test
   monkeypatch.setattr(opts, "BATCH_LOOP", opts.BATCH_LOOP)
+  monkeypatch.setattr(opts, "BATCH_ROWS", opts.BATCH_ROWS)
   monkeypatch.setattr(tune, "cache_folder", lambda name: tmp_path)
   probed, probe = [], tune.probe
   monkeypatch.setattr(tune, "probe", lambda: probed.append(probe()) or probed[-1])
   tune.install()
-  [(loop, times)] = probed
-  assert set(times) == {4, 8} and all(upcast > 0 and as_loop > 0 for upcast, as_loop in times.values())  # both timed
+  [(loop, rows, times)] = probed
+  assert set(times) == {4, 8} and all(len(ts) == 3 and all(t > 0 for t in ts) for ts in times.values())  # all three timed
+  # the choices follow the times (4 rows at a time where they beat one at both sizes, the loop where it beats the upcast)
+  assert rows == (4 if all(one > four * tune.MIN_GAIN for _, one, four in times.values()) else 1)
+  assert loop == all(upcast > (four if rows == 4 else one) * tune.MIN_GAIN for upcast, one, four in times.values())
   [table] = tune.read_tables(tmp_path)
-  assert (table.machine, table.model, table.entries, table.batch_loop) == (tune.machine(), "", (), loop) and opts.BATCH_LOOP == loop
-  assert opts.TUNED == {} and tune.describe(tmp_path).startswith(f"defaults, a quantized decode batch {'as a loop' if loop else 'upcast'} (probed on ")
+  assert (table.machine, table.model, table.entries, table.batch_loop, table.batch_rows) == (tune.machine(), "", (), loop, rows)
+  assert (opts.BATCH_LOOP, opts.BATCH_ROWS) == (loop, rows)
+  assert opts.TUNED == {} and tune.describe(tmp_path).startswith(f"defaults, a quantized decode batch {tune.loop_text(loop, rows)} (probed on ")
   tune.install()
   assert len(probed) == 1  # the table is this machine's now
 
@@ -265,20 +272,21 @@ def test_the_probe_times_the_cpus_kernels_whatever_tinygrads_default_device():
   # with DEV unset where OpenCL is installed, tinygrad's default device is CL: the probe's layer was made there and failed
   # ("all buffers must be on the same device"), and every first start used the defaults with a warning
   from tinygrad import Context
-  with Context(DEV="NULL"): loop, times = tune.probe()
-  assert set(times) == {4, 8} and all(upcast > 0 and as_loop > 0 for upcast, as_loop in times.values())
+  with Context(DEV="NULL"): loop, rows, times = tune.probe()
+  assert set(times) == {4, 8} and all(len(ts) == 3 and all(t > 0 for t in ts) for ts in times.values())
 
-@pytest.mark.parametrize("batch_loop", [False, True])
-def test_a_quantized_decode_batch_is_numpys_product_as_a_loop_or_upcast(batch_loop, monkeypatch):
-  # both ways the probe may choose to run a decode batch's product of Q4_1 and Q8_0 blocks give numpy's x @ dequantized w.T;
+@pytest.mark.parametrize("batch_loop, rows", [(False, 1), (True, 1), (True, 4)])
+def test_a_quantized_decode_batch_is_numpys_product_as_a_loop_or_upcast(batch_loop, rows, monkeypatch):
+  # every way the probe may choose to run a decode batch's product of Q4_1 and Q8_0 blocks gives numpy's x @ dequantized w.T;
   # a product of float weights (the sampler's sums) keeps the upcast either way
   from tg_llama.linear import lanes_matvec
   from tg_llama.quantize import Int4Linear, Int8Linear
   monkeypatch.setattr(opts, "TUNED", {})
   monkeypatch.setattr(opts, "BATCH_LOOP", opts.BATCH_LOOP)
-  opts.install({}, batch_loop)
+  monkeypatch.setattr(opts, "BATCH_ROWS", opts.BATCH_ROWS)
+  opts.install({}, batch_loop, rows)
   rng = np.random.default_rng(0)
-  K = 128 + 64 * batch_loop  # a kernel of its own for each: a compiled kernel of the same AST would be reused
+  K = 128 + 64 * (batch_loop + (rows > 1))  # a kernel of its own for each: a compiled kernel of the same AST would be reused
   xs, ws = rng.standard_normal((4, 1, K)).astype(np.float32), rng.standard_normal((96, K)).astype(np.float32)
   x = Tensor(xs).realize()
   for cls, dequant in ((Int4Linear, lambda p: (np.concatenate([p["weight"] & 15, p["weight"] >> 4], -1) * p["scale"][..., None] + p["min"][..., None]).reshape(96, K)),
@@ -287,7 +295,10 @@ def test_a_quantized_decode_batch_is_numpys_product_as_a_loop_or_upcast(batch_lo
     params = {name: t.contiguous().realize() for name, t in cls.quantize(Tensor(ws), **({"group_size": 32} if cls is Int8Linear else {})).items()}
     for name, t in params.items(): setattr(layer, name, t)
     [kernel] = [k for k in tune.record(lambda: layer(x).realize()) if k.kind == "batch matvec"]
-    assert (not any(o.op is OptOps.UPCAST for o in kernel.default) and Opt(OptOps.UNROLL, 1, 0) in kernel.default) == batch_loop, kernel.default
+    loop = opts.loop_opts(kernel.k)  # 4-bit blocks `rows` at a time, int8 one row at a time
+    assert loop == [Opt(OptOps.UPCAST, 0, 4)] * (cls is Int4Linear and rows == 4) + [Opt(OptOps.UNROLL, 1, 0)] + \
+                   [Opt(OptOps.UNROLL, 0, 3)] * (cls is Int8Linear and K // 32 % 3 == 0)
+    assert (kernel.default[-len(loop):] == loop) == batch_loop, kernel.default
     np.testing.assert_allclose(layer(x).numpy(), xs @ dequant({n: t.numpy() for n, t in params.items()}).T, atol=1e-3, rtol=1e-4)
   [kernel] = tune.record(lambda: lanes_matvec(x, Tensor(ws), 16).realize())
   assert kernel.kind == "batch matvec" and any(o.op is OptOps.UPCAST for o in kernel.default)
@@ -301,8 +312,22 @@ def test_the_top_p_searches_take_the_batch_sums_rule():
     assert [k.shape for k in kernels if k.kind == "batch sums"] == [shape]
 
 def test_a_tables_batch_loop_is_read_and_written(tmp_path):
-  tune.write(tune.Table(tune.machine(), "2026-01-02", "", (), True), tmp_path)
-  assert tune.this_machines(tune.read_tables(tmp_path)).batch_loop and tune.describe(tmp_path).startswith("defaults, a quantized decode batch as a loop")
+  tune.write(tune.Table(tune.machine(), "2026-01-02", "", (), True, 4), tmp_path)
+  t = tune.this_machines(tune.read_tables(tmp_path))
+  assert t.batch_loop and t.batch_rows == 4 and tune.describe(tmp_path).startswith("defaults, a quantized decode batch as a loop, 4 rows at a time")
+
+def test_a_table_written_before_batch_rows_runs_its_loop_one_row_at_a_time_or_is_probed_again(tmp_path, monkeypatch):
+  monkeypatch.setattr(opts, "TUNED", {})  # install() sets these: restored after the test
+  monkeypatch.setattr(opts, "BATCH_LOOP", opts.BATCH_LOOP)
+  monkeypatch.setattr(opts, "BATCH_ROWS", opts.BATCH_ROWS)
+  monkeypatch.setattr(tune, "cache_folder", lambda name: tmp_path)
+  monkeypatch.setattr(tune, "probe", lambda: (True, 4, {}))
+  write(tmp_path, {"format": tune.FORMAT, "tables": [{**table(tune.machine(), [KERNEL]), "batch_loop": True}]})  # a tune's
+  tune.install()
+  assert (opts.BATCH_LOOP, opts.BATCH_ROWS) == (True, 1) and tune.this_machines(tune.read_tables(tmp_path)).batch_rows is None
+  write(tmp_path, {"format": tune.FORMAT, "tables": [{**table(tune.machine(), []), "batch_loop": True}]})  # a probe's
+  tune.install()
+  assert (opts.BATCH_LOOP, opts.BATCH_ROWS) == (True, 4) and tune.this_machines(tune.read_tables(tmp_path)).batch_rows == 4
 
 # ---- the subprocesses ----
 

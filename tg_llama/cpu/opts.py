@@ -56,6 +56,19 @@ def _int8_steps(k, blocks: int) -> list[Opt]:
   layout, 1.4 ms in quantize.py's 16 lanes with none; 2 was never measured to win)."""
   return [Opt(OptOps.UNROLL, 0, 3)] if blocks % 3 == 0 and _reads(k, dtypes.int8) else []
 
+def loop_opts(k, at_a_time: int | None = None) -> list[Opt]:
+  """A quantized decode batch (batch x rows x (K/A) x A) as one row's code (its lanes unrolled whole) for each row, 4-bit
+  blocks (uint8) `at_a_time` rows at a time (default BATCH_ROWS; 2 where those do not divide the batch): each weight decoded
+  once for those rows, 16 x 4 accumulators in registers for 4. Measured on the AMD EPYC (Zen 4, AVX-512), Q4_1, float16
+  scales, 4 rows at a time against one (tune.py's timer: both cores' parts on one core): 1536x576 8 rows 0.85 -> 0.43 ms,
+  4 rows 0.43 -> 0.24, 2 rows 0.25 -> 0.17; 576x576 8 rows 0.32 -> 0.17; 8192x2048 8 rows 10.4 -> 7.6; 2048x8192 8 rows
+  9.8 -> 6.8, 4 rows 4.8 -> 3.3 (8 rows at a time 1.2-6.5x slower than 4, 4 rows with 8 lanes a step 1.2-1.6x). int8
+  blocks one row at a time: 4 at a time gained nothing (Q8_0 49152x576, 8 rows 12.3-13.3 ms either way), 2 at a time
+  lost (2 rows 3.2 -> 4.4 ms)."""
+  n, rows = at_a_time or BATCH_ROWS, k.full_shape[0]
+  step = next((s for s in (n, 2) if 1 < s <= n and rows % s == 0), None) if _reads(k, dtypes.uint8) else None
+  return ([Opt(OptOps.UPCAST, 0, step)] if step else []) + [Opt(OptOps.UNROLL, 1, 0)] + _int8_steps(k, k.full_shape[2])
+
 def rule(k) -> tuple[str, list[Opt]] | None:
   """The name of our rule that claims the kernel (its kind, as tg_llama/cpu/tune.py's table names it) and its default
   choice, or None for tinygrad's."""
@@ -91,16 +104,17 @@ def rule(k) -> tuple[str, list[Opt]] | None:
   # weight is decoded once for every row of the batch. From 4 rows on, also 4 output rows per step (each input read once
   # for them) and short unrolls (every partial sum stays in a register): 8 x (1536x576) Q4_1 on one core 1.50 -> 0.53 ms,
   # 4 x 0.88 -> 0.37 ms; 2 rows are best with the lane axis unrolled whole (0.25 ms)
-  # (measured on the Intel Xeon). On the AMD EPYC (Zen 4) every upcast of a quantized weight's batch loses to the batch as
-  # a plain loop around one row's code, 1.3-2.5x a kernel (clang reassembles the inputs' 4-float loads with shuffles
-  # there, worst with float16 scales): where tune.py's probe finds that on the machine (BATCH_LOOP), the loop is the default
+  # (measured on the Intel Xeon). On the AMD EPYC (Zen 4) every such upcast of a quantized weight's batch loses to one row's
+  # code run for each row, 1.3-2.5x a kernel (clang reassembles the inputs' 4-float loads with shuffles there, worst with
+  # float16 scales): where tune.py's probe finds that on the machine (BATCH_LOOP), loop_opts is the default
   if lanes and len(shape) == 4 and all(known) and 2 <= shape[0] <= 8:
     axis = thread_axis([1])
     opts = [Opt(OptOps.THREAD, axis, threads)] if axis is not None else []
-    if BATCH_LOOP and (_reads(k, dtypes.uint8) or _reads(k, dtypes.int8)):
-      return "batch matvec", opts + [Opt(OptOps.UNROLL, 1, 0)] + _int8_steps(k, shape[2])
-    # int8 blocks of 32 lanes (Q8_0: SmolLM2's output head), 2 or 4 rows: one output row a step, short unrolls. Measured on 2
-    # cores, 49152x576: 2 rows 12.9 -> 3.5 ms, 4 rows 5.7 -> 4.3 ms; 8192x2048: 6.4 -> 2.4 ms, 3.1 -> 2.6 ms (8 rows: mixed)
+    if BATCH_LOOP and (_reads(k, dtypes.uint8) or _reads(k, dtypes.int8)): return "batch matvec", opts + loop_opts(k)
+    # more than 16 lanes (int8 weights with a scale per row), 2 or 4 rows: one output row a step, short unrolls. Measured on
+    # Q8_0 blocks of 32 lanes on 2 cores, 49152x576: 2 rows 12.9 -> 3.5 ms, 4 rows 5.7 -> 4.3 ms; 8192x2048: 6.4 -> 2.4 ms,
+    # 3.1 -> 2.6 ms (8 rows: mixed). Q8_0 batches take 16 lanes since 2026-12-04 (quantize.py), so not this branch: their
+    # choice below is unmeasured on that CPU
     if shape[0] < 8 and shape[3] > 16 and shape[3] % 4 == 0 and shape[2] % 2 == 0:
       return "batch matvec", opts + [Opt(OptOps.UPCAST, 0, shape[0]), Opt(OptOps.UNROLL, 1, 4), Opt(OptOps.UNROLL, 0, 2)]
     if shape[0] >= 4 and shape[1] % (4 * (threads if axis is not None else 1)) == 0 and shape[3] % 4 == 0:
@@ -163,8 +177,10 @@ def rule(k) -> tuple[str, list[Opt]] | None:
 # default where they apply.
 # One table per process, like the heuristic rebound below: install() sets it, and hands it to the compile workers
 TUNED: dict[tuple[str, tuple[int, ...], tuple[Opt, ...]], tuple[Opt, ...]] = {}
-# whether a quantized product's decode batch runs as a loop around one row's code by default, not upcast (tune.py's probe)
+# whether a quantized product's decode batch runs as one row's code for each row by default, not upcast, and how many rows of
+# 4-bit blocks at a time (loop_opts; tune.py's probe chooses both)
 BATCH_LOOP = False
+BATCH_ROWS = 1
 
 def shape_key(k) -> tuple[int, ...]:
   """The kernel's shape as the tuned table writes it: a symbolic size (a cache length) as -1."""
@@ -216,27 +232,27 @@ def lacking() -> list[str]:
          missing(worker, "_init_worker", "_WorkerContext", "worker_pool", "terminate_worker_pool") + \
          missing(Scheduler, "full_shape", "axis_types", "copy", "apply_opt", "rngs", "bufs")
 
-def install(tuned: dict | None = None, batch_loop: bool = False):
+def install(tuned: dict | None = None, batch_loop: bool = False, batch_rows: int = 1):
   """Route tinygrad's heuristic through ours, in this process and in the compile workers it starts (idempotent), with
   `tuned` (tune.py's Table.choices(): (kind, shape, default) -> opts) in place of the defaults, none by default, and a
-  quantized product's decode batch as a loop where `batch_loop` (BATCH_LOOP); or, where tinygrad lacks any of it, leave
-  tinygrad's own (one warning)."""
-  global BATCH_LOOP
+  quantized product's decode batch as one row's code, `batch_rows` at a time, where `batch_loop` (BATCH_LOOP, BATCH_ROWS);
+  or, where tinygrad lacks any of it, leave tinygrad's own (one warning)."""
+  global BATCH_LOOP, BATCH_ROWS
   if gone := lacking():
     fall_back("choosing the CPU's kernels", ", ".join(gone))
     return
   TUNED.clear()
   TUNED.update(tuned or {})
-  BATCH_LOOP = batch_loop
+  BATCH_LOOP, BATCH_ROWS = batch_loop, batch_rows
   heuristic.hand_coded_optimizations = hand_coded_optimizations  # looked up at each use
   vectors.install()
   realize.get_worker_pool = search.get_worker_pool = get_worker_pool
 
-def _init_worker(tuned: dict, batch_loop: bool):
-  global BATCH_LOOP
+def _init_worker(tuned: dict, batch_loop: bool, batch_rows: int):
+  global BATCH_LOOP, BATCH_ROWS
   worker._init_worker()
   TUNED.update(tuned)
-  BATCH_LOOP = batch_loop
+  BATCH_LOOP, BATCH_ROWS = batch_loop, batch_rows
   heuristic.hand_coded_optimizations = hand_coded_optimizations
   if not vectors.lacking(): vectors.install()
 
@@ -244,10 +260,10 @@ def get_worker_pool():
   """tinygrad's compile pool (engine/worker.py's get_worker_pool), its workers started with our heuristic."""
   if multiprocessing.current_process().daemon or PARALLEL == 0: return None
   # tinygrad's own pool, or ours started with another table
-  if worker.worker_pool is not None and getattr(worker.worker_pool, "tg_llama", None) != (TUNED, BATCH_LOOP): worker.terminate_worker_pool()
+  if worker.worker_pool is not None and getattr(worker.worker_pool, "tg_llama", None) != (TUNED, BATCH_LOOP, BATCH_ROWS): worker.terminate_worker_pool()
   if worker.worker_pool is None:
-    worker.worker_pool = pool = worker._WorkerContext().Pool(PARALLEL.value, _init_worker, (dict(TUNED), BATCH_LOOP),
+    worker.worker_pool = pool = worker._WorkerContext().Pool(PARALLEL.value, _init_worker, (dict(TUNED), BATCH_LOOP, BATCH_ROWS),
                                                              getenv("BEAM_MAX_TASKS_PER_CHILD", 16))
-    pool.tg_llama = (dict(TUNED), BATCH_LOOP)
+    pool.tg_llama = (dict(TUNED), BATCH_LOOP, BATCH_ROWS)
     atexit.register(pool.close)
   return worker.worker_pool

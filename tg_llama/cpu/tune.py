@@ -19,10 +19,11 @@ install), where an opt that no longer applies (tinygrad changed the kernel) give
 cache keys include the choices in use (fingerprint), so graphs of other choices are never replayed.
 
 One choice is made on every machine without a table, once, at the first use of the CPU backend (install): whether a
-quantized product's decode batch runs upcast (each weight decoded once for every row) or as a loop around one row's
-code (opts.BATCH_LOOP), the two timed on one layer in a few seconds (probe). Which is faster differs between CPUs by 2x
-either way (the Intel Xeon against the AMD EPYC, Zen 4), and a server's batches run these products all the time. Its
-table (no kernels, the choice) is kept like a tune's; a tune probes again and tunes against the choice.
+quantized product's decode batch runs upcast (each weight decoded once for every row) or as one row's code for each row,
+and then whether 4-bit blocks take 4 rows at a time (opts.BATCH_LOOP, opts.BATCH_ROWS, opts.loop_opts), the three timed on
+one layer in a few seconds (probe). Which is faster differs between CPUs by 2x either way (the Intel Xeon against the AMD
+EPYC, Zen 4), and a server's batches run these products all the time. Its table (no kernels, the choice) is kept like a
+tune's; a tune probes again and tunes against the choice.
 
 Not here: a search over every opt (tinygrad's BEAM does that, for one kernel at a time and minutes a kernel), kernels no
 rule claims (tinygrad's heuristic keeps them), other backends."""
@@ -51,6 +52,7 @@ KINDS = ("matvec", "decode scores", "prefill scores", "batch matvec", "batch mat
 OPS = ("THREAD", "UPCAST", "UNROLL")  # the only opts a table may hold: what CANDIDATES try
 FLAGS = ("avx2", "fma", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "asimd", "sve")  # what the kernels' code depends on
 MIN_GAIN = 1.03       # a variant must beat the default by this much to replace it
+ROWS_AT_A_TIME = (1, 2, 4)  # a quantized decode batch's rows at a time as a loop that a table may hold (the probe times 1 and 4)
 MAX_CANDIDATES = 8    # per kernel, the default included
 MAX_UPCAST = 256      # the most values a candidate's upcasts and unrolls hold in registers (BEAM's BEAM_UPCAST_MAX default)
 ROUNDS, RUNS = 3, 3   # every candidate timed RUNS times in each of ROUNDS rounds (interleaved, against drift): the best counts
@@ -88,7 +90,8 @@ class Table:
   date: str
   model: str                      # "" for a table of the probe alone
   entries: tuple[Entry, ...]
-  batch_loop: bool = False        # the probe's choice (opts.BATCH_LOOP), the entries' defaults measured under it
+  batch_loop: bool = False        # the probe's choices (opts.BATCH_LOOP, opts.BATCH_ROWS), the entries' defaults measured under them
+  batch_rows: int | None = 1      # None: a table written before the probe timed rows at a time (its loop: one at a time)
 
   def choices(self) -> dict[tuple[str, tuple[int, ...], tuple[Opt, ...]], tuple[Opt, ...]]:
     """What opts.install takes: the changed choices by (kind, shape, the default they beat)."""
@@ -99,7 +102,8 @@ def _entry_json(e: Entry) -> dict:
   return {"kind": e.kind, "shape": list(e.shape), "default": [_opt_json(o) for o in e.default],
           "opts": None if e.opts is None else [_opt_json(o) for o in e.opts], "default_ms": e.default_ms, "chosen_ms": e.chosen_ms}
 def _table_json(t: Table) -> dict:
-  return {"machine": t.machine, "date": t.date, "model": t.model, "kernels": [_entry_json(e) for e in t.entries], "batch_loop": t.batch_loop}
+  return {"machine": t.machine, "date": t.date, "model": t.model, "kernels": [_entry_json(e) for e in t.entries], "batch_loop": t.batch_loop,
+          **({} if t.batch_rows is None else {"batch_rows": t.batch_rows})}
 
 class Malformed(ValueError): pass
 
@@ -130,17 +134,21 @@ def _parse_entry(d) -> Entry:
                float(d["default_ms"]), float(d["chosen_ms"]))
 
 def _parse_table(d) -> Table:
-  # batch_loop may be missing: a table written before the probe was (its choices measured against the upcast batch)
-  _check(type(d) is dict and set(d) - {"batch_loop"} == {"machine", "date", "model", "kernels"},
-         "a table must be an object with exactly date, kernels, machine, model (and batch_loop)")
+  # batch_loop may be missing: a table written before the probe was (its choices measured against the upcast batch); batch_rows
+  # too: written before the probe timed 4 rows at a time
+  _check(type(d) is dict and set(d) - {"batch_loop", "batch_rows"} == {"machine", "date", "model", "kernels"},
+         "a table must be an object with exactly date, kernels, machine, model (and batch_loop, batch_rows)")
   _check(type(d.get("batch_loop", False)) is bool, "batch_loop must be true or false")
+  _check("batch_rows" not in d or (d["batch_rows"] in ROWS_AT_A_TIME and type(d["batch_rows"]) is int),
+         f"batch_rows must be one of {', '.join(map(str, ROWS_AT_A_TIME))}")
   m = d["machine"]
   _fields(m, {"cpu", "flags", "threads", "tinygrad"}, "a machine")
   _check(_str(m["cpu"]) and _str(m["tinygrad"], 100) and _int(m["threads"], 1, 1 << 16) and type(m["flags"]) is list
          and len(m["flags"]) <= len(FLAGS) and all(f in FLAGS for f in m["flags"]), "a machine's fields have the wrong types")
   _check(_str(d["date"], 40) and _str(d["model"], 400), "date and model must be short strings")
   _check(type(d["kernels"]) is list and len(d["kernels"]) <= MAX_KERNELS, f"kernels must be a list of at most {MAX_KERNELS}")
-  return Table(m, d["date"], d["model"], tuple(_parse_entry(e) for e in d["kernels"]), d.get("batch_loop", False))
+  return Table(m, d["date"], d["model"], tuple(_parse_entry(e) for e in d["kernels"]), d.get("batch_loop", False),
+               d.get("batch_rows"))
 
 def parse(text: bytes) -> list[Table]:
   """The tables of a file's bytes; raises Malformed (a ValueError) for anything else."""
@@ -177,15 +185,16 @@ def load(folder: pathlib.Path | None = None) -> dict[tuple[str, tuple[int, ...],
 
 def install() -> None:
   """opts.install with this machine's table, probing the machine first (and keeping the probe's table in the CPU's
-  cache folder) where it has none."""
+  cache folder) where it has none, or only a probe's from before the probe timed rows at a time."""
   opts.install()
-  if (t := this_machines(read_tables(folder := cache_folder("cpu")))) is None and folder is not None:
-    try: loop, _ = probe()
+  t = this_machines(read_tables(folder := cache_folder("cpu")))
+  if (t is None or t.batch_rows is None and not t.entries) and folder is not None:
+    try: loop, rows, _ = probe()
     except Exception as e:  # a bug of ours or a tinygrad change: the defaults serve, slower on some CPUs
       warnings.warn(f"probing this CPU's decode batch failed ({type(e).__name__}: {e}); using the defaults", RuntimeWarning, stacklevel=2)
       return
-    write(t := Table(machine(), datetime.date.today().isoformat(), "", (), loop), folder)
-  if t is not None: opts.install(t.choices(), t.batch_loop)
+    write(t := Table(machine(), datetime.date.today().isoformat(), "", (), loop, rows), folder)
+  if t is not None: opts.install(t.choices(), t.batch_loop, t.batch_rows or 1)
 
 def write(table: Table, folder: pathlib.Path) -> pathlib.Path:
   """The file with `table` in place of this machine's old one (other machines' kept), written whole or not at all."""
@@ -196,16 +205,20 @@ def write(table: Table, folder: pathlib.Path) -> pathlib.Path:
   return path
 
 def fingerprint() -> str:
-  """The choices in use in this process (opts.TUNED, opts.BATCH_LOOP), for the captured graphs' cache key: "" for the defaults."""
+  """The choices in use in this process (opts.TUNED, opts.BATCH_LOOP, opts.BATCH_ROWS), for the captured graphs' cache key: ""
+  for the defaults."""
   if not opts.TUNED and not opts.BATCH_LOOP: return ""
-  return hashlib.sha256(repr((sorted(opts.TUNED.items()), opts.BATCH_LOOP)).encode()).hexdigest()[:16]
+  return hashlib.sha256(repr((sorted(opts.TUNED.items()), opts.BATCH_LOOP, opts.BATCH_ROWS)).encode()).hexdigest()[:16]
 
 def describe(folder: pathlib.Path | None = None) -> str:
   """The kernel choices a model loaded on the CPU backend uses here, in words (the bench prints it)."""
   if (t := this_machines(read_tables(folder))) is None: return "defaults (run `tg-llama tune` to search this CPU's)"
-  batch = f"a quantized decode batch {'as a loop' if t.batch_loop else 'upcast'}"
+  batch = f"a quantized decode batch {loop_text(t.batch_loop, t.batch_rows or 1)}"
   if not t.entries: return f"defaults, {batch} (probed on {t.date}; run `tg-llama tune` to search this CPU's)"
   return f"tuned for {t.machine['cpu']} on {t.date}, {sum(e.opts is not None for e in t.entries)} of {len(t.entries)} kernels changed, {batch}"
+
+def loop_text(batch_loop: bool, batch_rows: int) -> str:
+  return ("as a loop" + (f", {batch_rows} rows at a time" if batch_rows > 1 else "")) if batch_loop else "upcast"
 
 def summary(table: Table) -> str:
   """A line per kernel: kind, shape, the default's time and the chosen one's, the speed-up."""
@@ -235,13 +248,15 @@ def _prefill_scores(shape):  # ... x queries x hd: 16 or 32 queries a step, hd u
   q = len(shape) - 2
   return [[U(q, 16), R(0, k)] for k in (4, 8, 2)] + [[U(q, 16), U(q, 2), R(0, 4)], [U(q, 16), U(q - 1, 2), R(0, 4)], [U(q, 16), U(q - 1, 3), R(0, 4)]]
 
-def _batch_matvec(shape):  # batch x rows x (K/A) x A: the batch a loop, or upcast whole times 1-8 rows; short or whole lane unrolls
+def _batch_matvec(shape):  # batch x rows x (K/A) x A: the batch a loop, 2 or 4 rows at a time, or upcast whole times 1-8 rows
   # the batch a loop: one row's product (matvec's code) once per row, the weight's rows read again from the core's cache.
-  # On the AMD EPYC (Zen 4) every upcast of the batch measured slower than this: clang's code for several rows at once
+  # On the AMD EPYC (Zen 4) every upcast of the whole batch measured slower than this: clang's code for several rows at once
   # reassembles the inputs' 4-float loads with shuffles (4 x (1536x576) Q4_1 on one core 0.66 -> 0.28 ms, 8 x 1.06 -> 0.65,
-  # the Q8_0 head 49152x576 8 rows 42.9 -> 27.4 ms); on the Intel Xeon, 8 rows upcast cost 3x one row
+  # the Q8_0 head 49152x576 8 rows 42.9 -> 27.4 ms); on the Intel Xeon, 8 rows upcast cost 3x one row. One row's code 4 rows
+  # at a time beat both there for Q4_1 (opts.loop_opts)
   lanes = ([R(1, 4), R(0, 2)], [R(1, 0)], [R(1, 4), R(0, 3)])  # (K/A) by 3: Q8_0 49152x576, 8 rows, 10.5 -> 7.5 ms
-  return [[R(1, 0), R(0, 3)], [R(1, 0)]] + [([U(1, r)] if r > 1 else []) + [U(0, shape[0])] + lane for r in (1, 2, 4, 8) for lane in lanes]
+  steps = [[U(0, n), R(1, 0)] for n in (4, 2) if n < shape[0] and shape[0] % n == 0]  # a few rows at a time (opts.loop_opts)
+  return [[R(1, 0), R(0, 3)], [R(1, 0)]] + steps + [([U(1, r)] if r > 1 else []) + [U(0, shape[0])] + lane for r in (1, 2, 4, 8) for lane in lanes]
 
 def _batch_matmul(shape):  # batch x rows x K: the batch times 2-8 rows in registers, K unrolled by 4 or 8
   return [[U(1, r), U(0, shape[0]), R(0, k)] for r in (4, 2, 8) for k in (4, 8)]
@@ -378,10 +393,11 @@ def choose(kernel: Kernel, choices: list[tuple[Opt, ...]]) -> tuple[int, float, 
 
 PROBE = (576, 1536)  # in, out: a Q4_1 layer of SmolLM2's MLP, with float16 scales as GGUF writes them
 
-def probe() -> tuple[bool, dict[int, tuple[float, float]]]:
-  """Whether a quantized product's decode batch runs faster here as a loop around one row's code than upcast (opts.py's
-  rule), and the two times in ms by batch size: a PROBE-shaped Q4_1 layer of 4 and of 8 rows, timed as tune times
-  candidates (a few seconds). The loop where it wins both by MIN_GAIN."""
+def probe() -> tuple[bool, int, dict[int, tuple[float, float, float]]]:
+  """Whether a quantized product's decode batch runs faster here as one row's code for each row (opts.loop_opts) than upcast
+  (opts.py's rule), the loop's rows at a time (1 or 4), and the three times in ms by batch size (upcast, the loop one row
+  at a time, 4 rows at a time): a PROBE-shaped Q4_1 layer of 4 and of 8 rows, timed as tune times candidates (a few
+  seconds). 4 rows at a time where they beat one at both sizes by MIN_GAIN, the loop where it beats the upcast so."""
   from tg_llama.quantize import Int4Linear
   # made on the CPU whatever tinygrad's default device is (DEV unset where OpenCL is installed: its default is CL)
   with Context(DEV="CPU"): layer, rows = Int4Linear(*PROBE, scale_dtype=dtypes.half), (4, 8)
@@ -391,9 +407,12 @@ def probe() -> tuple[bool, dict[int, tuple[float, float]]]:
   times = {}
   for kernel in kernels:
     if kernel.kind != "batch matvec": continue
-    loop = tuple([o for o in kernel.default if o.op is OptOps.THREAD] + [Opt(OptOps.UNROLL, 1, 0)])
-    times[kernel.shape[0]] = tuple(to_ms(t) for t in timer(kernel, [tuple(kernel.default), loop])([0, 1]))
-  return len(times) == len(rows) and all(loop > 0 and upcast > loop * MIN_GAIN for upcast, loop in times.values()), times
+    loops = [tuple([o for o in kernel.default if o.op is OptOps.THREAD] + opts.loop_opts(kernel.k, n)) for n in (1, 4)]
+    times[kernel.shape[0]] = tuple(to_ms(t) for t in timer(kernel, [tuple(kernel.default), *loops])([0, 1, 2]))
+  timed = len(times) == len(rows) and all(t > 0 for ts in times.values() for t in ts)
+  at_a_time = 4 if timed and all(one > four * MIN_GAIN for _, one, four in times.values()) else 1
+  loop = timed and all(upcast > (four if at_a_time == 4 else one) * MIN_GAIN for upcast, one, four in times.values())
+  return loop, at_a_time, times
 
 def tune(source, progress: Callable[[str], None] | None = None, quantize: str | None = None, max_context: int | None = None) -> Table:
   """Search the kernel choices for `source` (a model, as tg_llama.load takes it) on this machine; the table (not written)."""
@@ -402,10 +421,10 @@ def tune(source, progress: Callable[[str], None] | None = None, quantize: str | 
   say(f"loading {source} on the CPU backend")
   model = load(source, backend="cpu", graph_cache=False, quantize=quantize, max_context=max_context)
   say("timing a quantized decode batch upcast and as a loop")
-  batch_loop, times = probe()
-  say("a quantized decode batch " + ("as a loop: " if batch_loop else "upcast: ") +
-      ", ".join(f"{n} rows {upcast:.3f} ms upcast, {loop:.3f} ms as a loop" for n, (upcast, loop) in times.items()))
-  opts.install({}, batch_loop)  # the defaults the kernels are tuned against
+  batch_loop, batch_rows, times = probe()
+  say(f"a quantized decode batch {loop_text(batch_loop, batch_rows)}: " + ", ".join(
+      f"{n} rows {upcast:.3f} ms upcast, {one:.3f} ms as a loop, {four:.3f} ms 4 rows at a time" for n, (upcast, one, four) in times.items()))
+  opts.install({}, batch_loop, batch_rows)  # the defaults the kernels are tuned against
   say("finding its kernels (scheduling a prefill chunk and a decode step of each batch size)")
   kernels = record(lambda: run_engine(model.runner))
   say(f"found {len(kernels)} kernels to tune ({', '.join(sorted({k.kind for k in kernels}))})")
@@ -416,4 +435,4 @@ def tune(source, progress: Callable[[str], None] | None = None, quantize: str | 
     entries.append(Entry(kernel.kind, kernel.shape, tuple(kernel.default), choices[i] if i else None, to_ms(default), to_ms(chosen)))
     say(f"tuning kernel {n}/{len(kernels)} ({kernel.kind} {shape_text(kernel.shape)}): " +
         (f"best {label(choices[i])}, {default / chosen:.2f}x" if i else "default kept") + f" ({len(choices)} candidates)")
-  return Table(machine(), datetime.date.today().isoformat(), str(source)[-400:], tuple(entries), batch_loop)
+  return Table(machine(), datetime.date.today().isoformat(), str(source)[-400:], tuple(entries), batch_loop, batch_rows)
