@@ -54,7 +54,8 @@ class Int8Linear:
     if matvec_rows(x) and G % LANES == 0:
       # a decode step's rows: lane j of a block sums the products of its elements j, j+16, ..., then multiplies by the block's
       # scale (one multiply per lane and block, not per weight). Measured on the AMD EPYC (Zen 4), Q8_0's 49152x576 head:
-      # one row 4.0 -> 2.5 ms on one core; on 2 cores 2 rows 5.8 -> 3.2 ms, 4 rows 11.3 -> 6.3, 8 rows 22.6 -> 12.6
+      # one row 4.0 -> 2.5 ms on one core; a batch against its 32-lane form, both cores' parts timed on one core: 2 rows
+      # 5.8 -> 3.2 ms, 4 rows 11.3 -> 6.3, 8 rows 22.6 -> 12.6
       xs = x.contiguous().reshape(*x.shape[:-1], 1, K // G, G // LANES, LANES)
       q = self.weight.reshape(N, K // G, G // LANES, LANES)
       dots = functools.reduce(operator.add, [xs[..., i, :] * q[:, :, i].cast(x.dtype) for i in range(G // LANES)])
