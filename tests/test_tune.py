@@ -303,6 +303,29 @@ def test_a_quantized_decode_batch_is_numpys_product_as_a_loop_or_upcast(batch_lo
   [kernel] = tune.record(lambda: lanes_matvec(x, Tensor(ws), 16).realize())
   assert kernel.kind == "batch matvec" and any(o.op is OptOps.UPCAST for o in kernel.default)
 
+def test_a_one_token_q4_product_is_numpys_under_each_block_minimums_candidate(monkeypatch):
+  # quantize.py's Int4Linear sums one token's product as scale * sum(x * q) + min * sum(x) per block, the second in a kernel
+  # the "block minimums" rule claims; with the default and with each of tune's variants for it, numpy's x @ dequantized w.T
+  from tg_llama.quantize import Int4Linear
+  monkeypatch.setattr(opts, "TUNED", {})
+  rng = np.random.default_rng(1)
+  N, seen = 128, []
+  for i in range(tune.MAX_CANDIDATES):
+    K = 64 * (i + 2)  # a kernel of its own for each candidate: a compiled kernel of the same AST would be reused
+    xs, ws = rng.standard_normal((1, 1, K)).astype(np.float32), rng.standard_normal((N, K)).astype(np.float32)
+    layer, x = Int4Linear(K, N), Tensor(xs).realize()
+    p = {name: t.contiguous().realize() for name, t in Int4Linear.quantize(Tensor(ws)).items()}
+    for name, t in p.items(): setattr(layer, name, t)
+    [kernel] = [k for k in tune.record(lambda: layer(x).realize()) if k.kind == "block minimums"]
+    assert kernel.shape == (N, K // 32)
+    if i >= len(choices := tune.candidates(kernel)): continue
+    opts.TUNED[("block minimums", kernel.shape, choices[0])] = choices[i]
+    seen.append(choices[i])
+    p = {name: t.numpy() for name, t in p.items()}
+    w = (np.concatenate([p["weight"] & 15, p["weight"] >> 4], -1) * p["scale"][..., None] + p["min"][..., None]).reshape(N, K)
+    np.testing.assert_allclose(layer(x).numpy()[0, 0], xs[0, 0] @ w.T, atol=1e-3, rtol=1e-4, err_msg=tune.label(choices[i]))
+  assert len(set(seen)) >= 4, seen
+
 def test_the_top_p_searches_take_the_batch_sums_rule():
   # test_sampling.py checks these kernels' results against transformers
   from tg_llama.sampling import SamplingParams, candidate_mask, pack
