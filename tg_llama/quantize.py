@@ -99,7 +99,7 @@ class Int4Linear:
       # sum(x * (q * scale + min)) = scale * sum(x * q) + min * sum(x), per block: a multiply and two multiply-adds a lane
       # and block, not four; the minimums times the input's block sums (the same for every row) in a kernel of their own
       # (opts.py's "block minimums"). Measured on the AMD EPYC (Zen 4), tune.py's timer, both cores' parts on one core:
-      # 2048x8192 1.22-1.29 -> 0.88 + 0.11 ms, 8192x2048 1.29-1.31 -> 0.85-0.92 + 0.13; a decode step of SmolLM2 7.0-8.0 ->
+      # 2048x8192 1.22-1.29 -> 0.88 + 0.09 ms, 8192x2048 1.29-1.31 -> 0.85-0.93 + 0.10; a decode step of SmolLM2 7.0-8.0 ->
       # 6.4-7.1 ms, of Llama 3.2 1B's shape 50.4 -> 44.7 ms (best of 30). A batch keeps the form below: there each weight's
       # q * scale + min is shared by the rows taken at a time (opts.loop_opts), two multiply-adds a row instead of three
       dots = (scale * (xs[..., :H] * lo + xs[..., H:] * hi)).sum(-2).sum(-1).contiguous()

@@ -135,12 +135,12 @@ def rule(k) -> tuple[str, list[Opt]] | None:
     if (up := next((u for u in (16, 8, 4) if shape[lane] % (u * threads) == 0), None)) is not None:
       return "batch sums", ([Opt(OptOps.THREAD, lane, threads)] if threads > 1 else []) + [Opt(OptOps.UPCAST, lane, up), Opt(OptOps.UPCAST, cand, shape[cand])]
   # the minimums of a one-token product of 4-bit blocks (quantize.py's Int4Linear) times the input's block sums: rows x
-  # blocks, reduced over the blocks, the block sums a vector every row reads. Threads over the rows, 16 rows a step (one
-  # vector a block, each row's minimums read in turn): 2048x8192's (8192 x 64, float16) on one core 0.89 -> 0.11 ms
-  # against tinygrad's choice (4 rows a step, the blocks unrolled by 4); as a lanes reduction (a row's 16 lanes summed at
-  # its end, after 4 steps) 1.6 ms
-  if len(shape) == 2 and reduce == [1] and all(known) and shape[1] <= 1024 and shape[0] % (16 * threads) == 0 and _vector(k, 0, 1):
-    return "block minimums", ([Opt(OptOps.THREAD, 0, threads)] if threads > 1 else []) + [Opt(OptOps.UPCAST, 0, 16)]
+  # blocks, reduced over the blocks, the block sums a vector every row reads. Threads over the rows, 8 rows a step (one
+  # vector a block, each row's minimums read in turn): 2048x8192's (8192 x 64, float16) on one core 0.89 -> 0.09 ms
+  # against tinygrad's choice (4 rows a step, the blocks unrolled by 4; 16 rows a step 0.11 ms); as a lanes reduction (a
+  # row's 16 lanes summed at its end, after 4 steps) 1.6 ms
+  if len(shape) == 2 and reduce == [1] and all(known) and shape[1] <= 1024 and shape[0] % (8 * threads) == 0 and _vector(k, 0, 1):
+    return "block minimums", ([Opt(OptOps.THREAD, 0, threads)] if threads > 1 else []) + [Opt(OptOps.UPCAST, 0, 8)]
   # a matrix product of a decode batch: 2-8 tokens x rows x K, all known. Threads over the rows, every token times 4 rows
   # in registers (each weight read once for the whole batch), K unrolled by 4: measured 8 x (1536x576) float32 on one
   # core 8.8 GFLOPS as a lanes reduction -> 30

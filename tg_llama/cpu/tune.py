@@ -276,14 +276,14 @@ def _values(shape):  # ... x hd, reduced over the positions (decode's and a pref
   axis, hd = len(shape) - 2, shape[-2]
   return [[U(axis, n)] + ([U(axis, hd // n)] if hd > n else []) for n in (16, 8, 32, hd)] + [[U(axis, 16)], [U(axis, 8)]]
 
-def _block_sums(shape):  # rows x blocks: 8 or 16 rows a step (16 in two vectors), or 16 with the blocks unrolled by 2 or 4
-  return [[U(0, 16)], [U(0, 16), U(0, 2)], [U(0, 8)], [U(0, 16), R(0, 2)], [U(0, 16), R(0, 4)], [U(0, 8), U(0, 2), R(0, 2)]]
+def _block_minimums(shape):  # rows x blocks: 4-32 rows a step (16 in two vectors), or the blocks unrolled by 2 or 4
+  return [[U(0, 16)], [U(0, 8), U(0, 2)], [U(0, 4)], [U(0, 8), R(0, 2)], [U(0, 8), R(0, 4)], [U(0, 16), U(0, 2)]]
 
 # each kind's variants (after the default's THREAD), by the kernel's shape
 CANDIDATES: dict[str, Callable[[tuple[int, ...]], list[list[Opt]]]] = {
   "matvec": _matvec, "decode scores": _decode_scores, "prefill scores": _prefill_scores, "batch matvec": _batch_matvec,
   "batch matmul": _batch_matmul, "batch sums": _batch_sums, "prefill matmul": _prefill_matmul, "decode values": _values, "prefill values": _values,
-  "panel pack": _panel_pack, "block minimums": _block_sums}
+  "panel pack": _panel_pack, "block minimums": _block_minimums}
 
 def candidates(kernel: Kernel) -> list[tuple[Opt, ...]]:
   """The default first, then the kind's variants that apply to the kernel, with the default's thread split, at most
