@@ -41,13 +41,17 @@ def _is_decode_length(s) -> bool:
   """The cache length one decoded token attends over: start_pos + 1 (a prefill chunk's is start_pos + T)."""
   return isinstance(s, UOp) and s.op is Ops.ADD and s.src[1].op is Ops.CONST and s.src[1].arg == 1
 
+def _varies(k, buf, axis: int) -> bool:
+  """Whether the kernel's buffer `buf` is indexed by `axis` (its index is that axis's range, or computed from it)."""
+  return k.rngs[axis] in buf.src[1].get_idx().toposort()
+
 def _broadcast(k, axis: int) -> bool:
   """Whether one of the kernel's buffers does not vary along `axis` (its values are reused across it)."""
-  return any(k.rngs[axis] not in b.src[1].get_idx().backward_slice for b in k.bufs)
+  return any(not _varies(k, b, axis) for b in k.bufs)
 
 def _vector(k, rows: int, reduce: int) -> bool:
   """Whether one of the kernel's buffers varies along the `reduce` axis but not along `rows` (a vector every row reads)."""
-  return any(k.rngs[rows] not in (deps := b.src[1].get_idx().toposort()) and k.rngs[reduce] in deps for b in k.bufs)
+  return any(_varies(k, b, reduce) and not _varies(k, b, rows) for b in k.bufs)
 
 def _reads(k, dtype) -> bool:
   """Whether one of the kernel's buffers holds values of `dtype` (int8: a Q8_0 or int8 weight's)."""
