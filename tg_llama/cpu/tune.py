@@ -276,7 +276,7 @@ def _values(shape):  # ... x hd, reduced over the positions (decode's and a pref
   axis, hd = len(shape) - 2, shape[-2]
   return [[U(axis, n)] + ([U(axis, hd // n)] if hd > n else []) for n in (16, 8, 32, hd)] + [[U(axis, 16)], [U(axis, 8)]]
 
-def _block_minimums(shape):  # rows x blocks: 4-32 rows a step (16 in two vectors), or the blocks unrolled by 2 or 4
+def _block_minimums(shape):  # rows x blocks: 4, 8 (the default), 16 or 32 rows a step, or 8 with the blocks unrolled by 2 or 4
   return [[U(0, 16)], [U(0, 8), U(0, 2)], [U(0, 4)], [U(0, 8), R(0, 2)], [U(0, 8), R(0, 4)], [U(0, 16), U(0, 2)]]
 
 # each kind's variants (after the default's THREAD), by the kernel's shape
