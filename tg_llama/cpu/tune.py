@@ -93,6 +93,9 @@ class Table:
   batch_loop: bool = False        # the probe's choices (opts.BATCH_LOOP, opts.BATCH_ROWS), the entries' defaults measured under them
   batch_rows: int | None = 1      # None: a table written before the probe timed rows at a time (its loop: one at a time)
 
+  @property
+  def loop_rows(self) -> int: return self.batch_rows or 1  # what the loop runs with (opts.BATCH_ROWS)
+
   def choices(self) -> dict[tuple[str, tuple[int, ...], tuple[Opt, ...]], tuple[Opt, ...]]:
     """What opts.install takes: the changed choices by (kind, shape, the default they beat)."""
     return {(e.kind, e.shape, e.default): e.opts for e in self.entries if e.opts is not None}
@@ -194,7 +197,7 @@ def install() -> None:
       warnings.warn(f"probing this CPU's decode batch failed ({type(e).__name__}: {e}); using the defaults", RuntimeWarning, stacklevel=2)
       return
     write(t := Table(machine(), datetime.date.today().isoformat(), "", (), loop, rows), folder)
-  if t is not None: opts.install(t.choices(), t.batch_loop, t.batch_rows or 1)
+  if t is not None: opts.install(t.choices(), t.batch_loop, t.loop_rows)
 
 def write(table: Table, folder: pathlib.Path) -> pathlib.Path:
   """The file with `table` in place of this machine's old one (other machines' kept), written whole or not at all."""
@@ -213,7 +216,7 @@ def fingerprint() -> str:
 def describe(folder: pathlib.Path | None = None) -> str:
   """The kernel choices a model loaded on the CPU backend uses here, in words (the bench prints it)."""
   if (t := this_machines(read_tables(folder))) is None: return "defaults (run `tg-llama tune` to search this CPU's)"
-  batch = f"a quantized decode batch {loop_text(t.batch_loop, t.batch_rows or 1)}"
+  batch = f"a quantized decode batch {loop_text(t.batch_loop, t.loop_rows)}"
   if not t.entries: return f"defaults, {batch} (probed on {t.date}; run `tg-llama tune` to search this CPU's)"
   return f"tuned for {t.machine['cpu']} on {t.date}, {sum(e.opts is not None for e in t.entries)} of {len(t.entries)} kernels changed, {batch}"
 
