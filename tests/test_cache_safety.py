@@ -96,7 +96,7 @@ def test_a_real_graph_loads_with_the_allowed_classes(cache, tmp_path, monkeypatc
   from tiny_models import PROMPT, hf_model, write_hf
   path = write_hf(hf_model("gqa_tied"), tmp_path / "hf")
   model = tg_llama.load(path, max_context=64)
-  for k in range(2):  # twice each from new prefixes: a prefill chunk, steps of 8 rows (the 12 tokens' last 4 padded to it) and 1
+  for k in range(2):  # twice each from new prefixes: a prefill chunk, and steps of 1 row (the 12 tokens' and the answers')
     list(model.generate([(t + 40 * k) % 384 for t in PROMPT * 5], 3))  # 60 tokens: one whole chunk
     list(model.generate([(t + 40 * k + 20) % 384 for t in PROMPT], 3))                # 12: rows
   model.graphs.save_new()  # generate saves them as soon as they are captured
@@ -109,7 +109,7 @@ def test_a_real_graph_loads_with_the_allowed_classes(cache, tmp_path, monkeypatc
   with open(model.graphs.path, "rb") as f: Recording(f, state_buffers(model_state(model))).load()
   assert asked and set(asked) <= GRAPH_CLASSES
   fresh = tg_llama.load(path, max_context=64)
-  assert set(fresh.graphs.load()) >= {"prefill", "decode1", "decode8", "greedy1", "greedy8"}
+  assert set(fresh.graphs.load()) >= {"prefill", "decode1", "greedy1"}
   from tg_llama import jit_cache
   key = jit_cache.graph_key(model)  # the CPU's kernels are built with -march=native: another CPU gets other files
   monkeypatch.setattr(cpu_graph, "cpu_features", lambda: "flags : fpu sse2")

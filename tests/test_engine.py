@@ -116,16 +116,24 @@ def test_short_prompt_rests_run_as_rows(tiny, model, monkeypatch):
   # (tokens, chunk size): 71 = a whole chunk + 7 rows; 11 rows; 36 = a half chunk + 4 rows; 24 in a half chunk, padded
   assert chunks == [(64, 64), (32, 32), (24, 32)]
 
-def test_a_prompts_rows_pad_to_a_ready_graph(tiny):
-  """A prompt's last rows run in the smallest step whose graph is ready (captured or loaded), rather than capturing a new one
-  mid-conversation (a chat warmed up with steps of 1 and 8 rows); generating sequences get their own. Transformers' tokens."""
+def test_a_prompts_rows_capture_no_graph_of_their_own(tiny):
+  """A prompt's rows run in steps as large as the largest ready graph (captured or loaded), or as the generating rows
+  need, and in the smallest ready one that holds them: never in a graph of their own (from nothing cached, a 7-token prompt
+  captured a step of 8 rows before its first token, 14.5 s on 2 cores, against 4.8 s for the step of 1 row that its
+  answer runs next; mid-conversation, a later turn's last 2 rows captured a step of 2 rows). Transformers' tokens."""
   hf, path = tiny
   model = tg_llama.load(path, max_context=96, graph_cache=False)  # one slot: steps of 1, 2, 4 and 8 rows
   runner, eight, three = model.runner, [7] + list(range(20, 27)), [8, 30, 31]  # prompts of 8 and 3 rows
+  ready = lambda: [b for b, jit in runner.decode_jits.items() if jit.captured is not None]
+  steps, decode = [], runner.decode
+  runner.decode = lambda rows, pad_to_ready=False: steps.append(len(rows)) or decode(rows, pad_to_ready)
   assert list(model.generate(eight, 4)) == reference_greedy(hf, eight, 4)
-  assert [b for b, jit in runner.decode_jits.items() if jit.captured is not None] == [1, 8]
+  assert steps == [1] * 11 and ready() == [1]  # 8 prompt rows, then 3 steps of the answer
+  decode([(0, i, t) for i, t in enumerate(eight)]).numpy()  # a step of 8 rows made ready (the slot's keys and values again)
+  steps.clear()
   assert list(model.generate(three, 4)) == reference_greedy(hf, three, 4)
-  assert runner.decode_jits[4].captured is None and runner.bucket(3, ready=True) == 8 and runner.bucket(3) == 4
+  assert steps == [3, 1, 1, 1] and ready() == [1, 8]
+  assert runner.bucket(3, ready=True) == 8 and runner.bucket(3) == 4
   # with none ready, the smallest that holds them
   assert tg_llama.load(path, max_context=96, graph_cache=False).runner.bucket(3, ready=True) == 4
 

@@ -15,6 +15,7 @@ from tg_llama.jit_cache import GraphCache, graphs_enabled
 HERE = pathlib.Path(__file__).resolve()
 REPO = HERE.parent.parent
 FORCED = [5, 77, 200]  # tokens fed to decode after the prompt, one step each
+EIGHT = [9, 31, 64, 101, 150, 222, 300, 383]  # tokens fed after the prompt in one step of 8 rows
 JITS = ["decode1", "decode8", "greedy1", "greedy8", "prefill_half", "sample1", "sample8"]  # the graphs mode_run uses
 
 def run(cache: pathlib.Path, path: str, context: int = 32, graph_cache: bool = True, devices: int = 1, env: dict | None = None) -> dict:
@@ -32,6 +33,7 @@ def graph_files(cache: pathlib.Path) -> list[pathlib.Path]: return sorted((cache
 def same_answers(a: dict, b: dict):
   np.testing.assert_allclose(a["logits"], b["logits"], atol=1e-6, rtol=0)
   np.testing.assert_allclose(a["steps"], b["steps"], atol=1e-6, rtol=0)
+  np.testing.assert_allclose(a["eight"], b["eight"], atol=1e-6, rtol=0)
   assert (a["greedy"], a["sampled"]) == (b["greedy"], b["sampled"])
 
 @pytest.fixture
@@ -207,9 +209,10 @@ def mode_run(path: str, prompt: str, context: str, graph_cache: str, devices: st
     loaded = None if model.graphs is None else list(model.graphs.load())
     cnt = {name: jit.cnt for name, jit in jits.items()}
     # every graph used runs at least twice (captured, then replayed) before the engine's last step saves them: the prefill
-    # chunk here, and each request starts a new prefix, so its 12 prompt tokens run as two steps of 8 rows (the last 4 padded
-    # to the step of 8, whose graph is ready)
+    # chunk and a step of 8 rows here, and each request starts a new prefix, so its 12 prompt tokens run as two steps of 8
+    # rows (the last 4 padded to the step of 8, whose graph is ready: the runner's step_rows)
     for _ in range(2): model.runner.prefill(0, PROMPT, 0)
+    eight = [model.runner.decode([(0, len(PROMPT) + i, t) for i, t in enumerate(EIGHT)]).numpy().tolist() for _ in range(2)][-1]
     new_prefix = lambda k: [(t + 40 * k) % 384 for t in PROMPT]
     logits = [model.logits(new_prefix(k)) for k in range(2)][0]
     greedy = [list(model.generate(new_prefix(k), 4)) for k in (2, 3)][-1]
@@ -218,7 +221,7 @@ def mode_run(path: str, prompt: str, context: str, graph_cache: str, devices: st
     steps = [model.runner.decode([(0, len(PROMPT) + i, t)]).numpy()[0].tolist() for i, t in enumerate(FORCED)]
   return {"path": path, "loaded": None if loaded is None else sorted(loaded), "cnt": cnt, "calls": dict(sorted(calls.items())),
           "tinygrad_replays": len(replays),
-          "logits": logits.tolist(), "greedy": greedy, "sampled": sampled, "steps": steps,
+          "logits": logits.tolist(), "greedy": greedy, "sampled": sampled, "steps": steps, "eight": eight,
           "file": None if model.graphs is None else str(model.graphs.path),
           "warnings": [str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)]}
 
@@ -229,15 +232,17 @@ def test_warm_up_saves_the_graphs_a_first_turn_runs(tiny, own_cache, capsys):
   import tg_llama
   from tg_llama.cli import warm_up
   warm_up(tg_llama.load(tiny[0], max_context=32))
-  # a new start finds every graph the warm-up runs: a 2-token prompt's 2-row step, then 1-row steps
-  assert {"decode1", "greedy1", "decode2", "greedy2"} <= set(tg_llama.load(tiny[0], max_context=32).graphs.load())
+  # a new start finds every graph the warm-up runs: a 2-token prompt and its answer in 1-row steps (no graph of the
+  # prompt's own: the runner's step_rows)
+  loaded = set(tg_llama.load(tiny[0], max_context=32).graphs.load())
+  assert {"decode1", "greedy1"} <= loaded and not {"decode2", "greedy2"} & loaded, loaded
 
 def test_a_chats_warm_up_saves_what_its_first_turn_runs(tiny, own_cache, capsys):
   import tg_llama
   from tg_llama.cli import warm_up
   from tg_llama.sampling import SamplingParams
   warm_up(tg_llama.load(tiny[0], max_context=64), SamplingParams(temperature=0.2, top_p=0.9, repetition_penalty=1.05))
-  # a half prefill chunk and its last 8 tokens as a step of 8 rows, then steps of 1, each sampled; no greedy 2-row step
-  # (a later turn's last rows pad to the step of 8: test_engine.py's test_a_step_of_rows_pads_to_a_ready_graph)
+  # a half prefill chunk and its last 8 tokens as a step of 8 rows (a chat's rows may capture theirs: the runner's
+  # rows_capture), then steps of 1, each sampled; no greedy 2-row step
   loaded = set(tg_llama.load(tiny[0], max_context=64).graphs.load())
   assert {"prefill_half", "decode8", "sample8", "decode1", "sample1"} <= loaded and not {"decode2", "greedy2"} & loaded, loaded

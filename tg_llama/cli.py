@@ -79,18 +79,18 @@ def warm_up(model, sampling=None, quiet: bool = False):
     # a chat's first turn (system message and question: 20-60 tokens) runs a half prefill chunk, a step of 8 rows (its
     # last tokens, and then the sample of its first token) and steps of 1: captured here where they are not loaded, rather
     # than after the question, where a first answer after an install or an upgrade stalled 30-40 s without a word; else
-    # set up by this run. A later turn's last rows pad to the step of 8 (the runner's decode), so nothing else is needed:
-    # with nothing cached, without the greedy 2-token runs below, the chat's warm-up 82.7 / 88.7 -> 71.1 / 80.6 s (AMD
-    # EPYC, 2 cores, the two versions in turn)
+    # set up by this run. A later turn's last rows run in the step of 8 (the runner's rows_capture, set here), so nothing
+    # else is needed: with nothing cached, without the greedy 2-token runs below, the chat's warm-up 82.7 / 88.7 -> 71.1 /
+    # 80.6 s (AMD EPYC, 2 cores, the two versions in turn)
+    model.runner.rows_capture = True
     list(model.generate([(2 + i) % model.config.vocab_size for i in range(40)], 2, sampling))
   else:
-    # a 2-token prompt runs as a step of 2 rows, then steps of 1. A graph is captured at its first call and set up at its
-    # first replay (a second run); one loaded from disk replays at once, and one run sets it up. Each run's prompt starts
-    # with another token: the same prompt again would reuse the slot's prefix and run as 1 row, and the 2-row graph would
-    # never be captured (nor saved). Other batch sizes and the prefill chunks are set up when a request first needs them
-    # (setting them all up here would slow every start)
+    # a 2-token prompt runs as steps of 1 row (the runner's step_rows), as a short prompt and its answer do. A graph is
+    # captured at its first call and set up at its first replay (a second run); one loaded from disk replays at once, and
+    # one run sets it up. Each run's prompt starts with another token, a new prefix. Other batch sizes and the prefill
+    # chunks are set up when a request first needs them (setting them all up here would slow every start)
     loaded = model.graphs.load() if model.graphs is not None else getattr(model.runner, "graphs_loaded", lambda: ())()
-    runs = 1 if {"decode1", "greedy1", "decode2", "greedy2"} <= set(loaded) else 2
+    runs = 1 if {"decode1", "greedy1"} <= set(loaded) else 2
     for i in range(runs): list(model.generate([i % model.config.vocab_size] * 2, 3))
   if not quiet: print(f" {time.perf_counter() - start:.1f} s", file=sys.stderr)
 
@@ -113,10 +113,14 @@ def warm_up_while_typing(model, sampling):
   return wait
 
 def warm_up_batches(model, slots: int):
-  """Capture what a server also runs: sampled decoding, and every batch size up to `slots` sequences at once."""
+  """Capture what a server also runs: sampled decoding, and every batch size up to `slots` sequences at once. A prompt's rows
+  take only the steps that are ready or that generating needs (the runner's step_rows): the prompts enter one or two rows a
+  step while the first ones generate, so each request generates long enough (2 tokens a slot) for all of them to generate
+  at once."""
   from tg_llama.engine.engine import Request
   from tg_llama.sampling import SamplingParams
-  handles = [model.engine.submit(Request((model.config.bos_id or 0,) * 2, 3, SamplingParams(temperature=1.0, seed=i))) for i in range(slots)]
+  handles = [model.engine.submit(Request((model.config.bos_id or 0,) * 2, 2 * slots + 2, SamplingParams(temperature=1.0, seed=i)))
+             for i in range(slots)]
   for h in handles: list(h)
 
 def cmd_chat(args) -> int:

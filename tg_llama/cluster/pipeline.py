@@ -90,6 +90,10 @@ class PipelineRunner:
 
   def bucket(self, n: int) -> int: return next(b for b in self.buckets if b >= n)
 
+  def step_rows(self, generating: int) -> int:
+    """The most rows a step takes (the engine's): every bucket's. Each stage captures its own graphs, out of sight here."""
+    return self.buckets[-1]
+
   def stage_infos(self) -> list[dict]:
     """Each stage's info now (tg_llama/cluster/stage.py Stage.info): its process, device, layers, time spent in steps."""
     return self._get([stage.info.remote() for stage in self.stages])

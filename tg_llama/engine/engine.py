@@ -89,8 +89,9 @@ class Handle:
     finally: self.cancel()  # a consumer that stops early (or Ctrl-C) frees the slot; nothing if it finished
 
 # How a prompt's rest runs, by what each costs (SmolLM2, DEV=CPU, 2 cores): a 64-token chunk 221 ms, a 32-token one 126 ms, a
-# step of 8 rows 50 ms (of 1 row 18 ms). Rests of at most ROW_PREFILL tokens run as rows of steps (8 a step, alongside any
-# sequences that are generating); a longer one in the smallest chunk that leaves at most ROW_TAIL tokens for rows, else
+# step of 8 rows 50 ms (of 1 row 18 ms). Rests of at most ROW_PREFILL tokens run as rows of steps (alongside any sequences
+# that are generating, as many a step as a ready graph takes: the runner's step_rows); a longer one in the smallest chunk
+# that leaves at most ROW_TAIL tokens for rows, else
 # in whole chunks: 24 tokens in 126 ms (rows: 150 ms), 40 in 176 ms (a whole chunk: 221 ms)
 ROW_PREFILL = 16
 ROW_TAIL = 8
@@ -157,7 +158,7 @@ class Engine:
       if self.graphs is not None: self.graphs.load()  # once, at the first step: a model changed after load finds its own
       if chunked is not None: self._prefill(chunked)
       # a row per generating sequence, then the tokens of short prompt rests, up to a bucket of them a step
-      rows, cap = [(s, None) for s in generating], self.runner.buckets[-1]
+      rows, cap = [(s, None) for s in generating], self.runner.step_rows(len(generating))
       for seq in prefilling:
         rest = len(seq.request.prompt) - seq.prefilled
         if 0 < rest <= ROW_PREFILL and not seq.done:
