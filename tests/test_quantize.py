@@ -7,8 +7,7 @@ import pytest
 from tinygrad import Tensor
 import tg_llama
 from tg_llama.linear import Linear
-from tg_llama.models.llama import Llama
-from tg_llama.quantize import Int4Linear, Int8Linear, build_layer, linear_for, linears, quantize_model
+from tg_llama.quantize import Int4Linear, Int8Linear, build_layer, linears, quantize_model
 from tiny_models import PROMPT, hf_model, write_gguf, write_hf
 
 RNG = np.random.default_rng(0)

@@ -1,6 +1,6 @@
 """tg_llama.tokenizer against HF tokenizers/transformers on Llama 3 (tokenizer.model, tokenizer.json, as GGUF
 metadata) and SmolLM2 (its GGUF), plus loader detection, special tokens, streaming, and sentencepiece."""
-import io, json, shutil, sys
+import io, json, sys
 import pytest, regex
 from tokenizers import Tokenizer as HFTokenizer, pre_tokenizers, models, trainers, AddedToken
 from tg_llama.errors import CheckpointError, UnsupportedModelError
