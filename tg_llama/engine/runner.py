@@ -195,8 +195,9 @@ class ModelRunner:
     largest bucket whose graph is ready (captured, or loaded from the cache), or the one those rows need, whichever is
     larger. So a prompt's rows never capture a graph that generating does not need: from nothing cached, a 7-token prompt
     captured a step of 8 rows before its first token, 14.5 s on the AMD EPYC (2 cores, compiled kernels cached; each row's
-    attention is a kernel of its own) against 4.8 s for the step of 1 row that its tokens need next. One row a step costs
-    no more there: a step of 8 rows 56 ms, of 1 row 6.6 ms. With `rows_capture` (a chat's), every bucket's rows."""
+    attention is a kernel of its own) against 4.8 s for the step of 1 row that its tokens need next. Warm, rows one a step
+    cost a little more there: a 16-token prompt's first token 0.07-0.08 -> 0.10-0.11 s (16 steps of 1 row against 2 of
+    8). With `rows_capture` (a chat's: its warm-up has the time), every bucket's rows."""
     if self.rows_capture: return self.buckets[-1]
     ready = [b for b in self.buckets if self.decode_jits[b].captured is not None]
     return max([self.bucket(max(generating, 1)), *ready])
