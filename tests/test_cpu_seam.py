@@ -10,7 +10,7 @@ The model runs in subprocesses (`python tests/test_cpu_seam.py run ...`): which 
 heuristic tinygrad calls, are per process. A tinygrad that lacks an internal is simulated as our module sees tinygrad:
 deleting the real attribute would break tinygrad itself, where a tinygrad without it would not use it."""
 from __future__ import annotations
-import importlib, json, os, pathlib, subprocess, sys, types, warnings
+import importlib, json, os, pathlib, platform, subprocess, sys, types, warnings
 import numpy as np
 import pytest
 from tinygrad import Tensor
@@ -54,6 +54,8 @@ def test_the_cpu_backend_imports_it_and_runs_it(tiny):
   assert out["after_import"] == [] and out["device"] == "CPU" and set(CPU_MODULES) <= set(out["after_run"])
   assert out["our_heuristic"] and out["our_pool"] and out["our_vectors"] and out["graph"] == "ThreadedJit" and out["warnings"] == []
   assert out["vectors_said"].startswith("loads up to ") and "tinygrad's" not in out["vectors_said"]  # what the bench says
+  # clang's vectorizer bundles at most a register of floats on an x86 CPU with AVX2 or AVX-512 (vectors.py), and says so
+  assert out["capped"] == out["x86_wide"] and ("vectorizer capped" in out["vectors_said"]) == out["capped"]
 
 def test_the_layout_is_the_backends():
   from tg_llama import cpu
@@ -78,7 +80,7 @@ def test_a_missing_internal_falls_back_with_one_warning(tiny, module, alias, nam
   assert len(out["warnings"]) == 1 and f"tinygrad's own path: this tinygrad has no {out['missing']}.{name}" in out["warnings"][0], out["warnings"]
   if alias == "heuristic": assert not out["our_heuristic"] and not out["our_pool"] and not out["our_vectors"] and out["graph"] == "ThreadedJit"
   elif alias == "realize": assert out["our_heuristic"] and out["our_pool"] and out["our_vectors"] and out["graph"] == "CapturedJit"
-  else: assert out["our_heuristic"] and out["our_pool"] and not out["our_vectors"] and out["graph"] == "ThreadedJit" and "(tinygrad's)" in out["vectors_said"]
+  else: assert out["our_heuristic"] and out["our_pool"] and not out["our_vectors"] and not out["capped"] and out["graph"] == "ThreadedJit" and "(tinygrad's)" in out["vectors_said"]
 
 def test_lengths_not_as_we_know_them_keep_tinygrads_folding_with_one_warning(monkeypatch):
   # another tinygrad whose memory_coalescing chooses its vector lengths otherwise: we do not rewrite it
@@ -171,9 +173,12 @@ def mode_run(path: str, prompt: str, backend: str, module: str, alias: str, name
     import tinygrad.codegen.opt.heuristic as heuristic
     import tinygrad.engine.realize as realize
     import tinygrad.codegen as codegen
+    from tinygrad import Device
     from tg_llama.cpu import opts, vectors
     out.update(our_heuristic=heuristic.hand_coded_optimizations is opts.hand_coded_optimizations, our_pool=realize.get_worker_pool is opts.get_worker_pool,
-               our_vectors=codegen.memory_coalescing is vectors.memory_coalescing, vectors_said=vectors.describe())
+               our_vectors=codegen.memory_coalescing is vectors.memory_coalescing, vectors_said=vectors.describe(),
+               capped=vectors.bundle_flags(vectors.width())[1] in getattr(Device["CPU"].renderer.compiler, "args", ()),
+               x86_wide=platform.machine().lower() in ("x86_64", "amd64") and vectors.width() > 4)
   return out
 
 if __name__ == "__main__":

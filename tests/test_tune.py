@@ -295,9 +295,9 @@ def test_a_quantized_decode_batch_is_numpys_product_as_a_loop_or_upcast(batch_lo
     params = {name: t.contiguous().realize() for name, t in cls.quantize(Tensor(ws), **({"group_size": 32} if cls is Int8Linear else {})).items()}
     for name, t in params.items(): setattr(layer, name, t)
     [kernel] = [k for k in tune.record(lambda: layer(x).realize()) if k.kind == "batch matvec"]
-    loop = opts.loop_opts(kernel.k)  # 4-bit blocks `rows` at a time, int8 one row at a time
-    assert loop == [Opt(OptOps.UPCAST, 0, 4)] * (cls is Int4Linear and rows == 4) + [Opt(OptOps.UNROLL, 1, 0)] + \
-                   [Opt(OptOps.UNROLL, 0, 3)] * (cls is Int8Linear and K // 32 % 3 == 0)
+    loop = opts.loop_opts(kernel.k)  # `rows` at a time; int8 blocks one row at a time take 3 blocks a step
+    assert loop == [Opt(OptOps.UPCAST, 0, 4)] * (rows == 4) + [Opt(OptOps.UNROLL, 1, 0)] + \
+                   [Opt(OptOps.UNROLL, 0, 3)] * (cls is Int8Linear and rows == 1 and K // 32 % 3 == 0)
     assert (kernel.default[-len(loop):] == loop) == batch_loop, kernel.default
     np.testing.assert_allclose(layer(x).numpy(), xs @ dequant({n: t.numpy() for n, t in params.items()}).T, atol=1e-3, rtol=1e-4)
   [kernel] = tune.record(lambda: lanes_matvec(x, Tensor(ws), 16).realize())

@@ -120,7 +120,7 @@ def graph_key(model: Model) -> str:
   renderer = Device[model.backend.device].renderer
   state = sorted((name, u.dtype.name, u.arg.device, u.max_numel()) for name, u in state_buffers(model_state(model)).items())
   parts = (FORMAT, code_identity(model), _tinygrad_version(), model.backend.device, type(renderer).__name__,
-           getattr(renderer, "target", None), type(renderer.compiler).__name__, JIT.value, JIT_BATCH_SIZE.value,
+           getattr(renderer, "target", None), type(renderer.compiler).__name__, getattr(renderer.compiler, "args", None), JIT.value, JIT_BATCH_SIZE.value,
            getenv("JITBEAM", BEAM.value), file_identity(model.checkpoint.path), repr(model.config), model.dtype.name,
            runner.max_context, runner.prefill_chunk, runner.slots, model.devices, (llama.start_layer, llama.end_layer), state,
            backend_identity(model))

@@ -27,7 +27,7 @@ import tinygrad.codegen.opt.heuristic as heuristic
 import tinygrad.codegen.opt.search as search
 import tinygrad.engine.realize as realize
 import tinygrad.engine.worker as worker
-from tinygrad import dtypes
+from tinygrad import Device, dtypes
 from tinygrad.codegen.opt import KernelOptError, Opt, OptOps
 from tinygrad.codegen.opt.postrange import Scheduler
 from tinygrad.helpers import NUM_CPU_THREADS, PARALLEL, getenv, prod
@@ -65,17 +65,19 @@ def _int8_steps(k, blocks: int) -> list[Opt]:
   return [Opt(OptOps.UNROLL, 0, 3)] if blocks % 3 == 0 and _reads(k, dtypes.int8) else []
 
 def loop_opts(k, at_a_time: int | None = None) -> list[Opt]:
-  """A quantized decode batch (batch x rows x (K/A) x A) as one row's code (its lanes unrolled whole) for each row, 4-bit
-  blocks (uint8) `at_a_time` rows at a time (default BATCH_ROWS; 2 where those do not divide the batch): each weight decoded
-  once for those rows, 16 x 4 accumulators in registers for 4. Measured on the AMD EPYC (Zen 4, AVX-512), Q4_1, float16
+  """A quantized decode batch (batch x rows x (K/A) x A) as one row's code (its lanes unrolled whole) for each row,
+  `at_a_time` rows at a time (default BATCH_ROWS; 2 where those do not divide the batch): each weight decoded once for
+  those rows, 16 x 4 accumulators in registers for 4. Measured on the AMD EPYC (Zen 4, AVX-512), Q4_1, float16
   scales, 4 rows at a time against one (tune.py's timer: both cores' parts on one core): 1536x576 8 rows 0.85 -> 0.43 ms,
   4 rows 0.43 -> 0.24, 2 rows 0.25 -> 0.17; 576x576 8 rows 0.32 -> 0.17; 8192x2048 8 rows 10.4 -> 7.6; 2048x8192 8 rows
-  9.8 -> 6.8, 4 rows 4.8 -> 3.3 (8 rows at a time 1.2-6.5x slower than 4, 4 rows with 8 lanes a step 1.2-1.6x). int8
-  blocks one row at a time: 4 at a time gained nothing (Q8_0 49152x576, 8 rows 12.3-13.3 ms either way), 2 at a time
-  lost (2 rows 3.2 -> 4.4 ms)."""
+  9.8 -> 6.8, 4 rows 4.8 -> 3.3 (8 rows at a time 1.2-6.5x slower than 4, 4 rows with 8 lanes a step 1.2-1.6x). Since
+  clang's vectorizer bundles at most a register of floats (vectors.py), 4 rows at a time of 1536x576 take 0.43 -> 0.28 ms
+  for 8 rows, and int8 blocks take rows at a time too: the Q8_0 head 49152x576, 8 rows 13.0 -> 8.3 ms, 4 rows 6.5 -> 4.1,
+  2 rows 3.2 -> 2.9 (before that cap, 4 at a time gained nothing there, 12.3-13.3 ms either way, and 2 lost: 3.2 -> 4.4).
+  One row at a time, int8 blocks take _int8_steps."""
   n, rows = at_a_time or BATCH_ROWS, k.full_shape[0]
-  step = next((s for s in (n, 2) if 1 < s <= n and rows % s == 0), None) if _reads(k, dtypes.uint8) else None
-  return ([Opt(OptOps.UPCAST, 0, step)] if step else []) + [Opt(OptOps.UNROLL, 1, 0)] + _int8_steps(k, k.full_shape[2])
+  step = next((s for s in (n, 2) if 1 < s <= n and rows % s == 0), None)
+  return ([Opt(OptOps.UPCAST, 0, step)] if step else []) + [Opt(OptOps.UNROLL, 1, 0)] + ([] if step else _int8_steps(k, k.full_shape[2]))
 
 def rule(k) -> tuple[str, list[Opt]] | None:
   """The name of our rule that claims the kernel (its kind, as tg_llama/cpu/tune.py's table names it) and its default
@@ -260,7 +262,7 @@ def install(tuned: dict | None = None, batch_loop: bool = False, batch_rows: int
   TUNED.update(tuned or {})
   BATCH_LOOP, BATCH_ROWS = batch_loop, batch_rows
   heuristic.hand_coded_optimizations = hand_coded_optimizations  # looked up at each use
-  vectors.install()
+  vectors.install(Device["CPU"].renderer.compiler)
   realize.get_worker_pool = search.get_worker_pool = get_worker_pool
 
 def _init_worker(tuned: dict, batch_loop: bool, batch_rows: int):
