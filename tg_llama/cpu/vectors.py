@@ -60,16 +60,14 @@ def bundle_flags(width: int) -> list[str]:
   """clang's flags that cap its vectorizer's bundles at `width` elements (one register of floats)."""
   return ["-mllvm", f"-slp-max-vf={width}"]
 
-def cap_bundles(compiler) -> bool:
+def cap_bundles(compiler):
   """Give an x86 CPU's clang compiler (tinygrad's ClangCompiler) bundle_flags for this CPU's registers, and a cache key of
-  its own; whether it has them. Other compilers (DEV=CPU:LLVM's), other CPUs and 4-float registers stay as they are."""
-  if not isinstance(compiler, compiler_cpu.ClangCompiler) or getattr(compiler, "arch", None) != "x86_64" or width() <= 4: return False
+  its own, once. Other compilers (DEV=CPU:LLVM's), other CPUs and 4-float registers stay as they are."""
+  if not isinstance(compiler, compiler_cpu.ClangCompiler) or getattr(compiler, "arch", None) != "x86_64" or width() <= 4: return
   flags = bundle_flags(width())
-  if not isinstance(args := getattr(compiler, "args", None), list): return False
-  if flags[1] not in args:
+  if isinstance(args := getattr(compiler, "args", None), list) and flags[1] not in args:
     compiler.args = [*args, *flags]
     if compiler.cachekey is not None: compiler.cachekey = f"{compiler.cachekey}_slp{width()}"
-  return True
 
 def describe() -> str:
   """The vector width in use, in words (the bench prints it with the kernel choices)."""

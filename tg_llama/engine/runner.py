@@ -188,7 +188,11 @@ class ModelRunner:
     """The batch size a step of n rows runs at: the smallest that holds them, or with `ready` the smallest of those whose
     graph is ready (captured, or loaded from the cache) where there is one."""
     fits = [b for b in self.buckets if b >= n]
-    return next((b for b in fits if self.decode_jits[b].captured is not None), fits[0]) if ready else fits[0]
+    return next((b for b in fits if b in self.ready_buckets()), fits[0]) if ready else fits[0]
+
+  def ready_buckets(self) -> list[int]:
+    """The batch sizes whose decode graph is ready: captured, or loaded from the cache."""
+    return [b for b in self.buckets if self.decode_jits[b].captured is not None]
 
   def step_rows(self, generating: int) -> int:
     """The most rows a step takes when `generating` of them are generating sequences' (a prompt's rows fill the rest): the
@@ -199,8 +203,7 @@ class ModelRunner:
     cost a little more there: a 16-token prompt's first token 0.07-0.08 -> 0.10-0.11 s (16 steps of 1 row against 2 of
     8). With `rows_capture` (a chat's: its warm-up has the time), every bucket's rows."""
     if self.rows_capture: return self.buckets[-1]
-    ready = [b for b in self.buckets if self.decode_jits[b].captured is not None]
-    return max([self.bucket(max(generating, 1)), *ready])
+    return max([self.bucket(max(generating, 1)), *self.ready_buckets()])
 
   def decode(self, rows: Sequence[tuple[int, int, int]], pad_to_ready: bool = False) -> Tensor:
     """One step for each (slot, position, token) row: the token goes into its slot at that position; logits (bucket, vocab),
