@@ -6,6 +6,7 @@ import threading
 import numpy as np
 import pytest
 import tg_llama
+from tinygrad import Context
 from tg_llama.engine.engine import ROW_PREFILL, ROW_TAIL, Engine, Request
 from tg_llama.engine.runner import buckets
 from tg_llama.errors import ContextLengthError, EngineBusyError
@@ -57,6 +58,14 @@ def test_batched_decode_logits_are_transformers_logits(tiny, model):
       ref = reference_logits(hf, p + [t + i for t in forced[:step + 1]])[-1]
       np.testing.assert_allclose(logits[i], ref, atol=1e-4, rtol=0)
   for slot in runner.cache.slots: slot.tokens = []  # written behind the engine's back: nothing in them is reusable
+
+def test_tinygrads_jit_off_runs_every_call_eagerly(tiny):
+  # JIT=0 (tinygrad's debugging mode) captures nothing: the runner's graphs must still run, call by call
+  hf, path = tiny
+  with Context(JIT=0):
+    m = tg_llama.load(path, max_context=160, slots=2, graph_cache=False)
+    assert list(m.generate(PROMPTS[1], 6)) == reference_greedy(hf, PROMPTS[1], 6)
+    assert all(j.captured is None for j in m.runner.jits().values())
 
 def test_sampled_together_equals_alone(model):
   requests = [Request(tuple(p), 8, SamplingParams(temperature=1.0, top_p=0.9, repetition_penalty=1.1, seed=10 + i)) for i, p in enumerate(PROMPTS)]

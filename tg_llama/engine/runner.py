@@ -70,7 +70,7 @@ class Jit(_TinyJit):
     checked = self.cnt >= 2
     ret = super().__call__(*args, **kwargs)
     self._offer(args, kwargs)  # a graph captured by this call
-    if checked and not kwargs: self._remember(args, uops)
+    if checked and not kwargs and self.captured is not None: self._remember(args, uops)  # JIT=0 captures nothing
     return ret
 
   def _remember(self, args, uops):
