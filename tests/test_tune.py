@@ -10,12 +10,12 @@ The tune and the model run in subprocesses (`python tests/test_tune.py tune|use 
 folder: which choices tinygrad's heuristic makes is per process. The tune is cut to a kernel of each kind, two
 candidates each and one round of timing, to stay fast."""
 from __future__ import annotations
-import json, os, pathlib, re, subprocess, sys, warnings
+import json, os, pathlib, platform, re, subprocess, sys, warnings
 import numpy as np
 import pytest
-from tinygrad import Tensor
+from tinygrad import Device, Tensor, dtypes
 from tinygrad.codegen.opt import Opt, OptOps
-from tg_llama.cpu import opts, tune
+from tg_llama.cpu import opts, tune, vectors
 
 HERE = pathlib.Path(__file__).resolve()
 REPO = HERE.parent.parent
@@ -123,6 +123,7 @@ def hostile() -> dict:
     "a batch_loop not a bool": {"format": tune.FORMAT, "tables": [{**table(tune.machine(), [KERNEL]), "batch_loop": "yes"}]},
     "batch_rows of 3": {"format": tune.FORMAT, "tables": [{**table(tune.machine(), [KERNEL]), "batch_rows": 3}]},
     "batch_rows true": {"format": tune.FORMAT, "tables": [{**table(tune.machine(), [KERNEL]), "batch_rows": True}]},
+    "capped 1": {"format": tune.FORMAT, "tables": [{**table(tune.machine(), [KERNEL]), "capped": 1}]},
     "an extra key in a table": {"format": tune.FORMAT, "tables": [{**table(tune.machine(), [KERNEL]), "batch_looop": True}]},
   }
 
@@ -175,7 +176,7 @@ def test_a_panel_product_loads_vectors_as_wide_as_the_cpus_registers(monkeypatch
   def widths(rows: int) -> set[int]:  # the vector widths of the loads of a (64, 128) x (rows, 128).T product, in its C source
     x, w = Tensor(xs).realize(), Tensor(ws[:rows]).realize()
     [kernel] = tune.record(lambda: matmul(x, w).realize())
-    _, program = tune._compile((0, opts.applied(kernel.k, kernel.default)))
+    _, program = tune._compile((0, opts.applied(kernel.k, kernel.default), None))
     [source] = [u.arg for u in program.toposort() if u.op is Ops.SOURCE]
     np.testing.assert_allclose(matmul(x, w).numpy(), xs @ ws[:rows].T, atol=1e-4, rtol=1e-5)
     return {int(n) for n in re.findall(r"\(\(float(\d+)\*\)", source)}
@@ -239,7 +240,17 @@ def test_the_graph_key_follows_the_choices_in_use(monkeypatch):
 
 # ---- the probe ----
 
-def test_a_machine_without_a_table_is_probed_once_and_keeps_the_probes_table(tmp_path, monkeypatch):
+@pytest.fixture
+def cap_kept():
+  """Whether clang's vectorizer is capped in this process (vectors.CAP, the CPU renderer's compiler), as it was before the test."""
+  was = vectors.CAP
+  yield
+  vectors.CAP = was
+  vectors.cap_bundles(Device["CPU"].renderer.compiler, was)
+
+def compiler_capped() -> bool: return vectors.bundle_flags(vectors.width())[1] in getattr(Device["CPU"].renderer.compiler, "args", ())
+
+def test_a_machine_without_a_table_is_probed_once_and_keeps_the_probes_table(tmp_path, monkeypatch, cap_kept):
   monkeypatch.setattr(opts, "TUNED", {})  # install() sets these: restored after the test
   monkeypatch.setattr(opts, "BATCH_LOOP", opts.BATCH_LOOP)
   monkeypatch.setattr(opts, "BATCH_ROWS", opts.BATCH_ROWS)
@@ -247,14 +258,19 @@ def test_a_machine_without_a_table_is_probed_once_and_keeps_the_probes_table(tmp
   probed, probe = [], tune.probe
   monkeypatch.setattr(tune, "probe", lambda: probed.append(probe()) or probed[-1])
   tune.install()
-  [(loop, rows, times)] = probed
-  assert set(times) == {4, 8} and all(len(ts) == 3 and all(t > 0 for t in ts) for ts in times.values())  # all three timed
-  # the choices follow the times (4 rows at a time where they beat one at both sizes, the loop where it beats the upcast)
-  assert rows == (4 if all(one > four * tune.MIN_GAIN for _, one, four in times.values()) else 1)
-  assert loop == all(upcast > (four if rows == 4 else one) * tune.MIN_GAIN for upcast, one, four in times.values())
+  [(loop, rows, capped, times)] = probed
+  # all three ways timed, compiled with clang's vectorizer capped and not
+  assert set(times) == {(c, n) for c in (True, False) for n in (4, 8)} and all(len(ts) == 3 and all(t > 0 for t in ts) for ts in times.values())
+  # the choices follow the times (capped where its best beats the uncapped best at both sizes; then 4 rows at a time where
+  # they beat one at both sizes, the loop where it beats the upcast)
+  assert capped == all(min(times[(False, n)]) > min(times[(True, n)]) * tune.MIN_GAIN for n in (4, 8))
+  chosen = [ts for (c, _), ts in times.items() if c == capped]
+  assert rows == (4 if all(one > four * tune.MIN_GAIN for _, one, four in chosen) else 1)
+  assert loop == all(upcast > (four if rows == 4 else one) * tune.MIN_GAIN for upcast, one, four in chosen)
   [table] = tune.read_tables(tmp_path)
-  assert (table.machine, table.model, table.entries, table.batch_loop, table.batch_rows) == (tune.machine(), "", (), loop, rows)
-  assert (opts.BATCH_LOOP, opts.BATCH_ROWS) == (loop, rows)
+  assert (table.machine, table.model, table.entries, table.batch_loop, table.batch_rows, table.capped) == (tune.machine(), "", (), loop, rows, capped)
+  assert (opts.BATCH_LOOP, opts.BATCH_ROWS, vectors.CAP) == (loop, rows, capped)
+  assert compiler_capped() == (capped and platform.machine().lower() in ("x86_64", "amd64") and vectors.width() > 4)
   assert opts.TUNED == {} and tune.describe(tmp_path).startswith(f"defaults, a quantized decode batch {tune.loop_text(loop, rows)} (probed on ")
   tune.install()
   assert len(probed) == 1  # the table is this machine's now
@@ -272,21 +288,41 @@ def test_the_probe_times_the_cpus_kernels_whatever_tinygrads_default_device():
   # with DEV unset where OpenCL is installed, tinygrad's default device is CL: the probe's layer was made there and failed
   # ("all buffers must be on the same device"), and every first start used the defaults with a warning
   from tinygrad import Context
-  with Context(DEV="NULL"): loop, rows, times = tune.probe()
-  assert set(times) == {4, 8} and all(len(ts) == 3 and all(t > 0 for t in ts) for ts in times.values())
+  was = compiler_capped()
+  with Context(DEV="NULL"): loop, rows, capped, times = tune.probe()
+  assert len(times) == 4 and all(len(ts) == 3 and all(t > 0 for t in ts) for ts in times.values())
+  assert compiler_capped() == was  # the probe compiles uncapped only while it times that
 
-@pytest.mark.parametrize("batch_loop, rows", [(False, 1), (True, 1), (True, 4)])
-def test_a_quantized_decode_batch_is_numpys_product_as_a_loop_or_upcast(batch_loop, rows, monkeypatch):
-  # every way the probe may choose to run a decode batch's product of Q4_1 and Q8_0 blocks gives numpy's x @ dequantized w.T;
-  # a product of float weights (the sampler's sums) keeps the upcast either way
+def test_the_probe_times_two_compiles_of_a_batch(cap_kept):
+  # capped and uncapped, clang compiles a decode batch's 4 rows at a time differently (bundles of 64 floats, or of one
+  # register); tinygrad's own cache of programs (by kernel, not by flags) must not hand the probe the same program twice
+  from tinygrad.uop.ops import Ops
+  from tg_llama.quantize import Int4Linear
+  if not (platform.machine().lower() in ("x86_64", "amd64") and vectors.width() > 4): pytest.skip("the cap is for x86 CPUs with AVX2 or AVX-512")
+  compiler = Device["CPU"].renderer.compiler
+  vectors.cap_bundles(compiler, True)
+  key = compiler.cachekey
+  with vectors.compiling(compiler, False):
+    assert not compiler_capped() and compiler.cachekey != key
+  assert compiler_capped() and compiler.cachekey == key  # as it was
+  layer = Int4Linear(*tune.PROBE, scale_dtype=dtypes.half)
+  [kernel] = [k for k in tune.record(lambda: layer(Tensor.empty(4, 1, tune.PROBE[0])).realize()) if k.kind == "batch matvec"]
+  four = opts.applied(kernel.k, [o for o in kernel.default if o.op is OptOps.THREAD] + opts.loop_opts(kernel.k, 4))
+  binary = lambda capped: [u.arg for u in tune._compile((0, four, capped))[1].toposort() if u.op is Ops.BINARY][0]
+  assert binary(True) != binary(False) and binary(None) == binary(True)
+
+@pytest.mark.parametrize("batch_loop, rows, capped", [(False, 1, True), (True, 1, True), (True, 4, True), (True, 4, False)])
+def test_a_quantized_decode_batch_is_numpys_product_as_a_loop_or_upcast(batch_loop, rows, capped, monkeypatch, cap_kept):
+  # every way the probe may choose to run a decode batch's product of Q4_1 and Q8_0 blocks (clang's vectorizer capped or not)
+  # gives numpy's x @ dequantized w.T; a product of float weights (the sampler's sums) keeps the upcast either way
   from tg_llama.linear import lanes_matvec
   from tg_llama.quantize import Int4Linear, Int8Linear
   monkeypatch.setattr(opts, "TUNED", {})
   monkeypatch.setattr(opts, "BATCH_LOOP", opts.BATCH_LOOP)
   monkeypatch.setattr(opts, "BATCH_ROWS", opts.BATCH_ROWS)
-  opts.install({}, batch_loop, rows)
+  opts.install({}, batch_loop, rows, capped)
   rng = np.random.default_rng(0)
-  K = 128 + 64 * (batch_loop + (rows > 1))  # a kernel of its own for each: a compiled kernel of the same AST would be reused
+  K = 128 + 64 * (batch_loop + (rows > 1) + (not capped))  # a kernel of its own for each: a compiled kernel of the same AST would be reused
   xs, ws = rng.standard_normal((4, 1, K)).astype(np.float32), rng.standard_normal((96, K)).astype(np.float32)
   x = Tensor(xs).realize()
   for cls, dequant in ((Int4Linear, lambda p: (np.concatenate([p["weight"] & 15, p["weight"] >> 4], -1) * p["scale"][..., None] + p["min"][..., None]).reshape(96, K)),
@@ -295,9 +331,10 @@ def test_a_quantized_decode_batch_is_numpys_product_as_a_loop_or_upcast(batch_lo
     params = {name: t.contiguous().realize() for name, t in cls.quantize(Tensor(ws), **({"group_size": 32} if cls is Int8Linear else {})).items()}
     for name, t in params.items(): setattr(layer, name, t)
     [kernel] = [k for k in tune.record(lambda: layer(x).realize()) if k.kind == "batch matvec"]
-    loop = opts.loop_opts(kernel.k)  # `rows` at a time; int8 blocks one row at a time take 3 blocks a step
-    assert loop == [Opt(OptOps.UPCAST, 0, 4)] * (rows == 4) + [Opt(OptOps.UNROLL, 1, 0)] + \
-                   [Opt(OptOps.UNROLL, 0, 3)] * (cls is Int8Linear and rows == 1 and K // 32 % 3 == 0)
+    loop = opts.loop_opts(kernel.k)  # `rows` at a time (int8 blocks only capped); int8 blocks one row at a time take 3 blocks a step
+    at_a_time = 1 if cls is Int8Linear and not capped else rows
+    assert loop == [Opt(OptOps.UPCAST, 0, 4)] * (at_a_time == 4) + [Opt(OptOps.UNROLL, 1, 0)] + \
+                   [Opt(OptOps.UNROLL, 0, 3)] * (cls is Int8Linear and at_a_time == 1 and K // 32 % 3 == 0)
     assert (kernel.default[-len(loop):] == loop) == batch_loop, kernel.default
     np.testing.assert_allclose(layer(x).numpy(), xs @ dequant({n: t.numpy() for n, t in params.items()}).T, atol=1e-3, rtol=1e-4)
   [kernel] = tune.record(lambda: lanes_matvec(x, Tensor(ws), 16).realize())
@@ -344,13 +381,28 @@ def test_a_table_written_before_batch_rows_runs_its_loop_one_row_at_a_time_or_is
   monkeypatch.setattr(opts, "BATCH_LOOP", opts.BATCH_LOOP)
   monkeypatch.setattr(opts, "BATCH_ROWS", opts.BATCH_ROWS)
   monkeypatch.setattr(tune, "cache_folder", lambda name: tmp_path)
-  monkeypatch.setattr(tune, "probe", lambda: (True, 4, {}))
+  monkeypatch.setattr(tune, "probe", lambda: (True, 4, True, {}))
   write(tmp_path, {"format": tune.FORMAT, "tables": [{**table(tune.machine(), [KERNEL]), "batch_loop": True}]})  # a tune's
   tune.install()
   assert (opts.BATCH_LOOP, opts.BATCH_ROWS) == (True, 1) and tune.this_machines(tune.read_tables(tmp_path)).batch_rows is None
   write(tmp_path, {"format": tune.FORMAT, "tables": [{**table(tune.machine(), []), "batch_loop": True}]})  # a probe's
   tune.install()
   assert (opts.BATCH_LOOP, opts.BATCH_ROWS) == (True, 4) and tune.this_machines(tune.read_tables(tmp_path)).batch_rows == 4
+
+def test_a_table_written_before_the_cap_was_probed(tmp_path, monkeypatch, cap_kept):
+  # a tune's table ran capped (every process did then); a probe's is probed again, and its choice kept
+  monkeypatch.setattr(opts, "TUNED", {})
+  monkeypatch.setattr(opts, "BATCH_LOOP", opts.BATCH_LOOP)
+  monkeypatch.setattr(opts, "BATCH_ROWS", opts.BATCH_ROWS)
+  monkeypatch.setattr(tune, "cache_folder", lambda name: tmp_path)
+  monkeypatch.setattr(tune, "probe", lambda: (True, 4, False, {}))
+  write(tmp_path, {"format": tune.FORMAT, "tables": [{**table(tune.machine(), [KERNEL]), "batch_loop": True, "batch_rows": 4}]})
+  tune.install()
+  assert tune.this_machines(tune.read_tables(tmp_path)).capped is True and vectors.CAP
+  write(tmp_path, {"format": tune.FORMAT, "tables": [{**table(tune.machine(), []), "batch_loop": True, "batch_rows": 1}]})
+  tune.install()
+  assert tune.this_machines(tune.read_tables(tmp_path)).capped is False and not vectors.CAP and not compiler_capped()
+  assert (opts.BATCH_LOOP, opts.BATCH_ROWS) == (True, 4)
 
 # ---- the subprocesses ----
 

@@ -74,8 +74,9 @@ def loop_opts(k, at_a_time: int | None = None) -> list[Opt]:
   clang's vectorizer bundles at most a register of floats (vectors.py), 4 rows at a time of 1536x576 take 0.43 -> 0.28 ms
   for 8 rows, and int8 blocks take rows at a time too: the Q8_0 head 49152x576, 8 rows 13.0 -> 8.3 ms, 4 rows 6.5 -> 4.1,
   2 rows 3.2 -> 2.9 (before that cap, 4 at a time gained nothing there, 12.3-13.3 ms either way, and 2 lost: 3.2 -> 4.4).
-  One row at a time, int8 blocks take _int8_steps."""
+  One row at a time, int8 blocks take _int8_steps; so they do where the vectorizer is not capped (the probe's choice there)."""
   n, rows = at_a_time or BATCH_ROWS, k.full_shape[0]
+  if not vectors.CAP and _reads(k, dtypes.int8): n = 1
   step = next((s for s in (n, 2) if 1 < s <= n and rows % s == 0), None)
   return ([Opt(OptOps.UPCAST, 0, step)] if step else []) + [Opt(OptOps.UNROLL, 1, 0)] + ([] if step else _int8_steps(k, k.full_shape[2]))
 
@@ -249,11 +250,12 @@ def lacking() -> list[str]:
          missing(worker, "_init_worker", "_WorkerContext", "worker_pool", "terminate_worker_pool") + \
          missing(Scheduler, "full_shape", "axis_types", "copy", "apply_opt", "rngs", "bufs")
 
-def install(tuned: dict | None = None, batch_loop: bool = False, batch_rows: int = 1):
+def install(tuned: dict | None = None, batch_loop: bool = False, batch_rows: int = 1, capped: bool = True):
   """Route tinygrad's heuristic through ours, in this process and in the compile workers it starts (idempotent), with
-  `tuned` (tune.py's Table.choices(): (kind, shape, default) -> opts) in place of the defaults, none by default, and a
-  quantized product's decode batch as one row's code, `batch_rows` at a time, where `batch_loop` (BATCH_LOOP, BATCH_ROWS);
-  or, where tinygrad lacks any of it, leave tinygrad's own (one warning)."""
+  `tuned` (tune.py's Table.choices(): (kind, shape, default) -> opts) in place of the defaults, none by default, a
+  quantized product's decode batch as one row's code, `batch_rows` at a time, where `batch_loop` (BATCH_LOOP, BATCH_ROWS),
+  and clang's vectorizer capped or not (vectors.py's CAP); or, where tinygrad lacks any of it, leave tinygrad's own (one
+  warning)."""
   global BATCH_LOOP, BATCH_ROWS
   if gone := lacking():
     fall_back("choosing the CPU's kernels", ", ".join(gone))
@@ -262,25 +264,26 @@ def install(tuned: dict | None = None, batch_loop: bool = False, batch_rows: int
   TUNED.update(tuned or {})
   BATCH_LOOP, BATCH_ROWS = batch_loop, batch_rows
   heuristic.hand_coded_optimizations = hand_coded_optimizations  # looked up at each use
-  vectors.install(Device["CPU"].renderer.compiler)
+  vectors.install(Device["CPU"].renderer.compiler, capped)
   realize.get_worker_pool = search.get_worker_pool = get_worker_pool
 
-def _init_worker(tuned: dict, batch_loop: bool, batch_rows: int):
+def _state() -> tuple: return (dict(TUNED), BATCH_LOOP, BATCH_ROWS, vectors.CAP)  # what a compile worker starts with
+
+def _init_worker(tuned: dict, batch_loop: bool, batch_rows: int, capped: bool):
   global BATCH_LOOP, BATCH_ROWS
   worker._init_worker()
   TUNED.update(tuned)
   BATCH_LOOP, BATCH_ROWS = batch_loop, batch_rows
   heuristic.hand_coded_optimizations = hand_coded_optimizations
-  if not vectors.lacking(): vectors.install()
+  if not vectors.lacking(): vectors.install(cap=capped)
 
 def get_worker_pool():
   """tinygrad's compile pool (engine/worker.py's get_worker_pool), its workers started with our heuristic."""
   if multiprocessing.current_process().daemon or PARALLEL == 0: return None
   # tinygrad's own pool, or ours started with another table
-  if worker.worker_pool is not None and getattr(worker.worker_pool, "tg_llama", None) != (TUNED, BATCH_LOOP, BATCH_ROWS): worker.terminate_worker_pool()
+  if worker.worker_pool is not None and getattr(worker.worker_pool, "tg_llama", None) != _state(): worker.terminate_worker_pool()
   if worker.worker_pool is None:
-    worker.worker_pool = pool = worker._WorkerContext().Pool(PARALLEL.value, _init_worker, (dict(TUNED), BATCH_LOOP, BATCH_ROWS),
-                                                             getenv("BEAM_MAX_TASKS_PER_CHILD", 16))
-    pool.tg_llama = (dict(TUNED), BATCH_LOOP, BATCH_ROWS)
+    worker.worker_pool = pool = worker._WorkerContext().Pool(PARALLEL.value, _init_worker, _state(), getenv("BEAM_MAX_TASKS_PER_CHILD", 16))
+    pool.tg_llama = _state()
     atexit.register(pool.close)
   return worker.worker_pool

@@ -21,9 +21,10 @@ cache keys include the choices in use (fingerprint), so graphs of other choices 
 One choice is made on every machine without a table, once, at the first use of the CPU backend (install): whether a
 quantized product's decode batch runs upcast (each weight decoded once for every row) or as one row's code for each row,
 and then whether 4-bit blocks take 4 rows at a time (opts.BATCH_LOOP, opts.BATCH_ROWS, opts.loop_opts), the three timed on
-one layer in a few seconds (probe). Which is faster differs between CPUs by 2x either way (the Intel Xeon against the AMD
-EPYC, Zen 4), and a server's batches run these products all the time. Its table (no kernels, the choice) is kept like a
-tune's; a tune probes again and tunes against the choice.
+one layer, each compiled with clang's vectorizer capped at one register and not (vectors.py's CAP), in a few seconds
+(probe). Which is faster differs between CPUs by 2x either way (the Intel Xeon against the AMD EPYC, Zen 4), and a
+server's batches run these products all the time; the cap won by 1.5x on the AMD EPYC and was never measured elsewhere.
+Its table (no kernels, the choice) is kept like a tune's; a tune probes again and tunes against the choice.
 
 Not here: a search over every opt (tinygrad's BEAM does that, for one kernel at a time and minutes a kernel), kernels no
 rule claims (tinygrad's heuristic keeps them), other backends."""
@@ -44,7 +45,7 @@ from tinygrad.helpers import NUM_CPU_THREADS, prod
 from tinygrad.uop.ops import AxisType, Ops, UOp
 from tg_llama import private_dir
 from tg_llama.backend import cache_folder
-from tg_llama.cpu import graph, opts
+from tg_llama.cpu import graph, opts, vectors
 
 FORMAT = 1
 KINDS = ("matvec", "decode scores", "prefill scores", "batch matvec", "batch matmul", "batch sums", "prefill matmul", "decode values",
@@ -90,11 +91,15 @@ class Table:
   date: str
   model: str                      # "" for a table of the probe alone
   entries: tuple[Entry, ...]
-  batch_loop: bool = False        # the probe's choices (opts.BATCH_LOOP, opts.BATCH_ROWS), the entries' defaults measured under them
+  batch_loop: bool = False        # the probe's choices (opts.BATCH_LOOP, opts.BATCH_ROWS, vectors.CAP), the entries' defaults measured under them
   batch_rows: int | None = 1      # None: a table written before the probe timed rows at a time (its loop: one at a time)
+  capped: bool | None = True      # None: written before the probe timed clang's vectorizer capped and not (a tune's ran capped)
 
   @property
   def loop_rows(self) -> int: return self.batch_rows or 1  # what the loop runs with (opts.BATCH_ROWS)
+
+  @property
+  def stale_probe(self) -> bool: return not self.entries and (self.batch_rows is None or self.capped is None)  # probe again
 
   def choices(self) -> dict[tuple[str, tuple[int, ...], tuple[Opt, ...]], tuple[Opt, ...]]:
     """What opts.install takes: the changed choices by (kind, shape, the default they beat)."""
@@ -106,7 +111,7 @@ def _entry_json(e: Entry) -> dict:
           "opts": None if e.opts is None else [_opt_json(o) for o in e.opts], "default_ms": e.default_ms, "chosen_ms": e.chosen_ms}
 def _table_json(t: Table) -> dict:
   return {"machine": t.machine, "date": t.date, "model": t.model, "kernels": [_entry_json(e) for e in t.entries], "batch_loop": t.batch_loop,
-          **({} if t.batch_rows is None else {"batch_rows": t.batch_rows})}
+          **({} if t.batch_rows is None else {"batch_rows": t.batch_rows}), **({} if t.capped is None else {"capped": t.capped})}
 
 class Malformed(ValueError): pass
 
@@ -138,10 +143,10 @@ def _parse_entry(d) -> Entry:
 
 def _parse_table(d) -> Table:
   # batch_loop may be missing: a table written before the probe was (its choices measured against the upcast batch); batch_rows
-  # too: written before the probe timed 4 rows at a time
-  _check(type(d) is dict and set(d) - {"batch_loop", "batch_rows"} == {"machine", "date", "model", "kernels"},
-         "a table must be an object with exactly date, kernels, machine, model (and batch_loop, batch_rows)")
-  _check(type(d.get("batch_loop", False)) is bool, "batch_loop must be true or false")
+  # too: written before the probe timed 4 rows at a time; capped: before it timed clang's vectorizer capped and not
+  _check(type(d) is dict and set(d) - {"batch_loop", "batch_rows", "capped"} == {"machine", "date", "model", "kernels"},
+         "a table must be an object with exactly date, kernels, machine, model (and batch_loop, batch_rows, capped)")
+  _check(type(d.get("batch_loop", False)) is bool and type(d.get("capped", False)) is bool, "batch_loop and capped must be true or false")
   _check("batch_rows" not in d or (d["batch_rows"] in ROWS_AT_A_TIME and type(d["batch_rows"]) is int),
          f"batch_rows must be one of {', '.join(map(str, ROWS_AT_A_TIME))}")
   m = d["machine"]
@@ -150,8 +155,9 @@ def _parse_table(d) -> Table:
          and len(m["flags"]) <= len(FLAGS) and all(f in FLAGS for f in m["flags"]), "a machine's fields have the wrong types")
   _check(_str(d["date"], 40) and _str(d["model"], 400), "date and model must be short strings")
   _check(type(d["kernels"]) is list and len(d["kernels"]) <= MAX_KERNELS, f"kernels must be a list of at most {MAX_KERNELS}")
-  return Table(m, d["date"], d["model"], tuple(_parse_entry(e) for e in d["kernels"]), d.get("batch_loop", False),
-               d.get("batch_rows"))
+  entries = tuple(_parse_entry(e) for e in d["kernels"])
+  # a tune's table without the field was tuned with the bundles capped (what every process ran then)
+  return Table(m, d["date"], d["model"], entries, d.get("batch_loop", False), d.get("batch_rows"), d.get("capped", True if entries else None))
 
 def parse(text: bytes) -> list[Table]:
   """The tables of a file's bytes; raises Malformed (a ValueError) for anything else."""
@@ -188,16 +194,16 @@ def load(folder: pathlib.Path | None = None) -> dict[tuple[str, tuple[int, ...],
 
 def install() -> None:
   """opts.install with this machine's table, probing the machine first (and keeping the probe's table in the CPU's
-  cache folder) where it has none, or only a probe's from before the probe timed rows at a time."""
+  cache folder) where it has none, or only a probe's from before the probe timed what it times today."""
   opts.install()
   t = this_machines(read_tables(folder := cache_folder("cpu")))
-  if (t is None or t.batch_rows is None and not t.entries) and folder is not None:
-    try: loop, rows, _ = probe()
+  if (t is None or t.stale_probe) and folder is not None:
+    try: loop, rows, capped, _ = probe()
     except Exception as e:  # a bug of ours or a tinygrad change: the defaults serve, slower on some CPUs
       warnings.warn(f"probing this CPU's decode batch failed ({type(e).__name__}: {e}); using the defaults", RuntimeWarning, stacklevel=2)
       return
-    write(t := Table(machine(), datetime.date.today().isoformat(), "", (), loop, rows), folder)
-  if t is not None: opts.install(t.choices(), t.batch_loop, t.loop_rows)
+    write(t := Table(machine(), datetime.date.today().isoformat(), "", (), loop, rows, capped), folder)
+  if t is not None: opts.install(t.choices(), t.batch_loop, t.loop_rows, t.capped is not False)
 
 def write(table: Table, folder: pathlib.Path) -> pathlib.Path:
   """The file with `table` in place of this machine's old one (other machines' kept), written whole or not at all."""
@@ -354,29 +360,32 @@ def run_engine(runner) -> None:
 
 def to_ms(seconds: float) -> float: return round(seconds * 1e3, 4) if math.isfinite(seconds) else 0.0
 
-def _compile(job: tuple[int, postrange.Scheduler]) -> tuple[int, UOp | None]:
+def _compile(job: tuple[int, postrange.Scheduler, bool | None]) -> tuple[int, UOp | None]:
   """search._try_compile's compile of a candidate (its PARAMs on the kernel's device), without its cap of BEAM_UOPS_MAX
-  (3000) uops, which opts.py's defaults for 8-row batches exceed: the program, or None where tinygrad refuses it."""
-  i, k = job
+  (3000) uops, which opts.py's defaults for 8-row batches exceed, with clang's vectorizer capped or not where the job says
+  (None: as the process compiles): the program, or None where tinygrad refuses it."""
+  i, k, capped = job
   try:
-    ast = k.get_optimized_ast(name_override="test")
-    return i, to_program(ast.substitute({p: p.replace(arg=dataclasses.replace(p.arg, device=k.ren.target.device))
-                                         for p in ast.toposort() if p.op is Ops.PARAM}), k.ren)
+    with contextlib.nullcontext() if capped is None else vectors.compiling(k.ren.compiler, capped):
+      ast = k.get_optimized_ast(name_override="test")
+      return i, to_program(ast.substitute({p: p.replace(arg=dataclasses.replace(p.arg, device=k.ren.target.device))
+                                           for p in ast.toposort() if p.op is Ops.PARAM}), k.ren)
   except (KernelOptError, CompileError, RuntimeError): return i, None
 
-def compile_all(ks: list) -> list[UOp | None]:
+def compile_all(ks: list, capped: bool | None = None) -> list[UOp | None]:
   """Each kernel compiled (_compile), in tinygrad's compile pool where there is one, as BEAM compiles its candidates."""
   out: list = [None] * len(ks)
   pool = search.get_worker_pool()
-  for i, prg in (map if pool is None else pool.imap_unordered)(_compile, enumerate(ks)): out[i] = prg
+  for i, prg in (map if pool is None else pool.imap_unordered)(_compile, [(i, k, capped) for i, k in enumerate(ks)]): out[i] = prg
   return out
 
-def timer(kernel: Kernel, choices: list[tuple[Opt, ...]]) -> Callable[[list[int]], list[float]]:
-  """A function that times the choices of these indices (each compiled once, here) as BEAM times candidates, and returns
-  every choice's best time so far in seconds (inf: not timed, or it did not compile or run)."""
+def timer(kernel: Kernel, choices: list[tuple[Opt, ...]], capped: bool | None = None) -> Callable[[list[int]], list[float]]:
+  """A function that times the choices of these indices (each compiled once, here, with clang's vectorizer `capped` or
+  not, None: as the process compiles) as BEAM times candidates, and returns every choice's best time so far in seconds
+  (inf: not timed, or it did not compile or run)."""
   bufs, var_vals = postrange.args_from_ast(kernel.k.ast, "CPU")
   for b in search._ensure_buffer_alloc(bufs): b.allocator._copyin(b._buf, memoryview(bytearray(b.nbytes)))  # zeros: no NaNs or denormals
-  programs = compile_all([opts.applied(kernel.k, c) for c in choices])  # each applies: candidates() checked
+  programs = compile_all([opts.applied(kernel.k, c) for c in choices], capped)  # each applies: candidates() checked
   best = [math.inf] * len(choices)
   def time(which: list[int]) -> list[float]:
     for _ in range(ROUNDS):  # in rounds: a slow moment of a busy machine spreads over all of them
@@ -399,26 +408,31 @@ def choose(kernel: Kernel, choices: list[tuple[Opt, ...]]) -> tuple[int, float, 
 
 PROBE = (576, 1536)  # in, out: a Q4_1 layer of SmolLM2's MLP, with float16 scales as GGUF writes them
 
-def probe() -> tuple[bool, int, dict[int, tuple[float, float, float]]]:
+def probe() -> tuple[bool, int, bool, dict[tuple[bool, int], tuple[float, float, float]]]:
   """Whether a quantized product's decode batch runs faster here as one row's code for each row (opts.loop_opts) than upcast
-  (opts.py's rule), the loop's rows at a time (1 or 4), and the three times in ms by batch size (upcast, the loop one row
-  at a time, 4 rows at a time): a PROBE-shaped Q4_1 layer of 4 and of 8 rows, timed as tune times candidates (a few
-  seconds). 4 rows at a time where they beat one at both sizes by MIN_GAIN, the loop where it beats the upcast so."""
+  (opts.py's rule), the loop's rows at a time (1 or 4), whether clang's vectorizer capped at one register (vectors.py)
+  makes it faster, and the three ways' times in ms by (capped, batch size) (upcast, the loop one row at a time, 4 rows at
+  a time): a PROBE-shaped Q4_1 layer of 4 and of 8 rows, timed as tune times candidates, compiled capped and not (a few
+  seconds). Capped where its best way beats the uncapped one's by MIN_GAIN at both sizes (uncapped, clang's own choice,
+  where the cap was never measured to win); then 4 rows at a time where they beat one at both sizes by MIN_GAIN, the loop
+  where it beats the upcast so."""
   from tg_llama.quantize import Int4Linear
   # made on the CPU whatever tinygrad's default device is (DEV unset where OpenCL is installed: its default is CL)
   with Context(DEV="CPU"): layer, rows = Int4Linear(*PROBE, scale_dtype=dtypes.half), (4, 8)
   batch_loop, opts.BATCH_LOOP = opts.BATCH_LOOP, False  # the rule's upcast is the default here
-  try: kernels = record(lambda: [layer(Tensor.empty(n, 1, PROBE[0], device="CPU")).realize() for n in rows])
+  try: kernels = [k for k in record(lambda: [layer(Tensor.empty(n, 1, PROBE[0], device="CPU")).realize() for n in rows]) if k.kind == "batch matvec"]
   finally: opts.BATCH_LOOP = batch_loop
   times = {}
-  for kernel in kernels:
-    if kernel.kind != "batch matvec": continue
-    loops = [tuple([o for o in kernel.default if o.op is OptOps.THREAD] + opts.loop_opts(kernel.k, n)) for n in (1, 4)]
-    times[kernel.shape[0]] = tuple(to_ms(t) for t in timer(kernel, [tuple(kernel.default), *loops])([0, 1, 2]))
-  timed = len(times) == len(rows) and all(t > 0 for ts in times.values() for t in ts)
-  at_a_time = 4 if timed and all(one > four * MIN_GAIN for _, one, four in times.values()) else 1
-  loop = timed and all(upcast > (four if at_a_time == 4 else one) * MIN_GAIN for upcast, one, four in times.values())
-  return loop, at_a_time, times
+  for cap in (True, False):
+    for kernel in kernels:
+      loops = [tuple([o for o in kernel.default if o.op is OptOps.THREAD] + opts.loop_opts(kernel.k, n)) for n in (1, 4)]
+      times[(cap, kernel.shape[0])] = tuple(to_ms(t) for t in timer(kernel, [tuple(kernel.default), *loops], None if cap == vectors.CAP else cap)([0, 1, 2]))
+  if len(times) != 2 * len(rows) or not all(t > 0 for ts in times.values() for t in ts): return False, 1, False, times
+  capped = all(min(times[(False, n)]) > min(times[(True, n)]) * MIN_GAIN for n in rows)
+  chosen = [times[(capped, n)] for n in rows]
+  at_a_time = 4 if all(one > four * MIN_GAIN for _, one, four in chosen) else 1
+  loop = all(upcast > (four if at_a_time == 4 else one) * MIN_GAIN for upcast, one, four in chosen)
+  return loop, at_a_time, capped, times
 
 def tune(source, progress: Callable[[str], None] | None = None, quantize: str | None = None, max_context: int | None = None) -> Table:
   """Search the kernel choices for `source` (a model, as tg_llama.load takes it) on this machine; the table (not written)."""
@@ -426,11 +440,12 @@ def tune(source, progress: Callable[[str], None] | None = None, quantize: str | 
   say = progress or (lambda line: None)
   say(f"loading {source} on the CPU backend")
   model = load(source, backend="cpu", graph_cache=False, quantize=quantize, max_context=max_context)
-  say("timing a quantized decode batch upcast and as a loop")
-  batch_loop, batch_rows, times = probe()
-  say(f"a quantized decode batch {loop_text(batch_loop, batch_rows)}: " + ", ".join(
-      f"{n} rows {upcast:.3f} ms upcast, {one:.3f} ms as a loop, {four:.3f} ms 4 rows at a time" for n, (upcast, one, four) in times.items()))
-  opts.install({}, batch_loop, batch_rows)  # the defaults the kernels are tuned against
+  say("timing a quantized decode batch upcast and as a loop, clang's vectorizer capped and not")
+  batch_loop, batch_rows, capped, times = probe()
+  say(f"a quantized decode batch {loop_text(batch_loop, batch_rows)}, {'capped' if capped else 'uncapped'}: " + ", ".join(
+      f"{n} rows{' capped' if cap else ''} {upcast:.3f} ms upcast, {one:.3f} ms as a loop, {four:.3f} ms 4 rows at a time"
+      for (cap, n), (upcast, one, four) in times.items()))
+  opts.install({}, batch_loop, batch_rows, capped)  # the defaults the kernels are tuned against
   say("finding its kernels (scheduling a prefill chunk and a decode step of each batch size)")
   kernels = record(lambda: run_engine(model.runner))
   say(f"found {len(kernels)} kernels to tune ({', '.join(sorted({k.kind for k in kernels}))})")
@@ -441,4 +456,4 @@ def tune(source, progress: Callable[[str], None] | None = None, quantize: str | 
     entries.append(Entry(kernel.kind, kernel.shape, tuple(kernel.default), choices[i] if i else None, to_ms(default), to_ms(chosen)))
     say(f"tuning kernel {n}/{len(kernels)} ({kernel.kind} {shape_text(kernel.shape)}): " +
         (f"best {label(choices[i])}, {default / chosen:.2f}x" if i else "default kept") + f" ({len(choices)} candidates)")
-  return Table(machine(), datetime.date.today().isoformat(), str(source)[-400:], tuple(entries), batch_loop, batch_rows)
+  return Table(machine(), datetime.date.today().isoformat(), str(source)[-400:], tuple(entries), batch_loop, batch_rows, capped)

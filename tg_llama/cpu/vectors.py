@@ -19,9 +19,10 @@ of the 4 rows' lanes in reversed order, reversing each of their inputs and decod
 many shuffles as multiply-adds). Its bundles capped at one register of floats (`-mllvm -slp-max-vf=16` with AVX-512, 8
 with AVX2), the same C runs in natural order: 4 rows of a 1536x576 Q4_1 layer 0.183 -> 0.130 ms on one core (AMD EPYC),
 as fast as the product written by hand as vector code (0.134). So the CPU's clang compiler gets that flag (and a cache key
-of its own: kernels compiled without it are not reused)."""
+of its own: kernels compiled without it are not reused) where tg_llama/cpu/tune.py's probe finds a decode batch faster
+with it on the machine (a choice measured on one CPU, the AMD EPYC; without the probe's table, capped)."""
 from __future__ import annotations
-import functools, inspect
+import contextlib, functools, inspect
 import tinygrad.codegen as codegen
 import tinygrad.codegen.late.coalesce as coalesce
 import tinygrad.runtime.support.compiler_cpu as compiler_cpu
@@ -60,14 +61,35 @@ def bundle_flags(width: int) -> list[str]:
   """clang's flags that cap its vectorizer's bundles at `width` elements (one register of floats)."""
   return ["-mllvm", f"-slp-max-vf={width}"]
 
-def cap_bundles(compiler):
-  """Give an x86 CPU's clang compiler (tinygrad's ClangCompiler) bundle_flags for this CPU's registers, and a cache key of
-  its own, once. Other compilers (DEV=CPU:LLVM's), other CPUs and 4-float registers stay as they are."""
+CAP = True  # whether CPU clang compilers get bundle_flags (tune.py's probe chooses it per machine: opts.install passes it on)
+
+def cap_bundles(compiler, on: bool | None = None):
+  """Give an x86 CPU's clang compiler (tinygrad's ClangCompiler) bundle_flags for this CPU's registers and a cache key of its
+  own (`on`, by default CAP), or take them away. Other compilers (DEV=CPU:LLVM's), other CPUs and 4-float registers stay as
+  they are."""
   if not isinstance(compiler, compiler_cpu.ClangCompiler) or getattr(compiler, "arch", None) != "x86_64" or width() <= 4: return
-  flags = bundle_flags(width())
-  if isinstance(args := getattr(compiler, "args", None), list) and flags[1] not in args:
-    compiler.args = [*args, *flags]
-    if compiler.cachekey is not None: compiler.cachekey = f"{compiler.cachekey}_slp{width()}"
+  if not isinstance(args := getattr(compiler, "args", None), list): return
+  flags, key = bundle_flags(width()), f"_slp{width()}"
+  if CAP if on is None else on:
+    if flags[1] not in args:
+      compiler.args = [*args, *flags]
+      if compiler.cachekey is not None: compiler.cachekey = f"{compiler.cachekey}{key}"
+  elif flags[1] in args:
+    compiler.args = [a for a in args if a not in flags]
+    if compiler.cachekey is not None: compiler.cachekey = compiler.cachekey.removesuffix(key)
+
+@contextlib.contextmanager
+def compiling(compiler, on: bool):
+  """Compile with `compiler` capped or not inside (tune.py's probe times both), in this process: as it was after. tinygrad
+  keeps a process's programs by kernel and renderer, not by the compiler's flags, so those compiled inside are compiled
+  anew and forgotten after."""
+  was, programs = bundle_flags(width())[1] in getattr(compiler, "args", ()), codegen.to_program_cache
+  codegen.to_program_cache = {}
+  cap_bundles(compiler, on)
+  try: yield
+  finally:
+    codegen.to_program_cache = programs
+    cap_bundles(compiler, was)
 
 def describe() -> str:
   """The vector width in use, in words (the bench prints it with the kernel choices)."""
@@ -78,7 +100,8 @@ def describe() -> str:
 
 def lacking() -> list[str]:
   """What this module rebinds or rewrites of tinygrad's that this tinygrad does not have."""
-  if gone := missing(coalesce, "memory_coalescing") + missing(codegen, "memory_coalescing") + missing(compiler_cpu, "ClangCompiler"): return gone
+  if gone := missing(coalesce, "memory_coalescing") + missing(codegen, "memory_coalescing", "to_program_cache") + missing(compiler_cpu, "ClangCompiler"):
+    return gone
   return [] if wide_coalescing(8) is not None else [f"'{THEIRS}' in memory_coalescing"]
 
 def capping(init):
@@ -90,12 +113,15 @@ def capping(init):
   __init__.tg_llama = True
   return __init__
 
-def install(compiler=None):
+def install(compiler=None, cap: bool = True):
   """Route codegen's memory_coalescing through ours in this process (opts.py's compile workers call this when they start),
-  and cap the bundles of every CPU clang compiler made from now on (a renderer is made again from its target in each
-  compile worker's task: tinygrad's Renderer.__reduce__) and of `compiler` (the CPU renderer's, made already); or where
-  tinygrad lacks what it rebinds or rewrites, leave tinygrad's (one warning)."""
+  and cap the bundles (`cap`, CAP) of every CPU clang compiler made from now on (a renderer is made again from its target
+  in each compile worker's task: tinygrad's Renderer.__reduce__) and of `compiler` (the CPU renderer's, made already), or
+  leave them uncapped; or where tinygrad lacks what it rebinds or rewrites, leave tinygrad's (one warning)."""
+  global CAP
   if gone := lacking(): return fall_back("folding the CPU's loads into vectors", ", ".join(gone))
+  if cap != CAP: codegen.to_program_cache.clear()  # programs compiled the other way (the probe's) are not reused
+  CAP = cap
   codegen.memory_coalescing = memory_coalescing  # looked up at each use
   if not getattr(compiler_cpu.ClangCompiler.__init__, "tg_llama", False): compiler_cpu.ClangCompiler.__init__ = capping(compiler_cpu.ClangCompiler.__init__)
   if compiler is not None: cap_bundles(compiler)
