@@ -10,7 +10,7 @@ The tune and the model run in subprocesses (`python tests/test_tune.py tune|use 
 folder: which choices tinygrad's heuristic makes is per process. The tune is cut to a kernel of each kind, two
 candidates each and one round of timing, to stay fast."""
 from __future__ import annotations
-import json, os, pathlib, platform, re, subprocess, sys, warnings
+import copy, json, os, pathlib, platform, re, subprocess, sys, warnings
 import numpy as np
 import pytest
 from tinygrad import Device, Tensor, dtypes
@@ -305,6 +305,11 @@ def test_the_probe_times_two_compiles_of_a_batch(cap_kept):
   with vectors.compiling(compiler, False):
     assert not compiler_capped() and compiler.cachekey != key
   assert compiler_capped() and compiler.cachekey == key  # as it was
+  other = copy.copy(compiler)
+  other.args = ["-O2", "-mllvm", "-some-other-flag=1"]  # uncapping takes away our pair only
+  vectors.cap_bundles(other, True)
+  vectors.cap_bundles(other, False)
+  assert other.args == ["-O2", "-mllvm", "-some-other-flag=1"]
   layer = Int4Linear(*tune.PROBE, scale_dtype=dtypes.half)
   [kernel] = [k for k in tune.record(lambda: layer(Tensor.empty(4, 1, tune.PROBE[0])).realize()) if k.kind == "batch matvec"]
   four = opts.applied(kernel.k, [o for o in kernel.default if o.op is OptOps.THREAD] + opts.loop_opts(kernel.k, 4))

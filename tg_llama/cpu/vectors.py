@@ -74,8 +74,9 @@ def cap_bundles(compiler, on: bool | None = None):
     if flags[1] not in args:
       compiler.args = [*args, *flags]
       if compiler.cachekey is not None: compiler.cachekey = f"{compiler.cachekey}{key}"
-  elif flags[1] in args:
-    compiler.args = [a for a in args if a not in flags]
+  elif flags[1] in args:  # the pair we added, not another flag's -mllvm
+    i = args.index(flags[1])
+    compiler.args = args[:i - 1] + args[i + 1:] if i and args[i - 1] == flags[0] else args[:i] + args[i + 1:]
     if compiler.cachekey is not None: compiler.cachekey = compiler.cachekey.removesuffix(key)
 
 @contextlib.contextmanager
