@@ -275,6 +275,22 @@ def test_a_machine_without_a_table_is_probed_once_and_keeps_the_probes_table(tmp
   tune.install()
   assert len(probed) == 1  # the table is this machine's now
 
+def test_a_probe_is_announced_where_the_caller_listens(tmp_path, monkeypatch, cap_kept):
+  # `tg-llama chat|generate|serve` load with progress: the first start on a machine says why it pauses, once
+  from tg_llama.backend import resolve_backend
+  monkeypatch.setattr(opts, "TUNED", {})
+  monkeypatch.setattr(opts, "BATCH_LOOP", opts.BATCH_LOOP)
+  monkeypatch.setattr(opts, "BATCH_ROWS", opts.BATCH_ROWS)
+  monkeypatch.setattr(tune, "cache_folder", lambda name: tmp_path)
+  monkeypatch.setattr(tune, "probe", lambda: (True, 4, True, {}))
+  heard = []
+  resolve_backend("cpu", heard.append)
+  resolve_backend("cpu", heard.append)  # its table is kept: no probe
+  assert heard == [tune.PROBING]
+  (tmp_path / "tuned.json").unlink()
+  resolve_backend("cpu")  # a caller that does not listen hears nothing, and the probe runs all the same
+  assert tune.this_machines(tune.read_tables(tmp_path)) is not None
+
 def test_a_probe_that_fails_leaves_the_defaults_with_one_warning(tmp_path, monkeypatch):
   monkeypatch.setattr(opts, "TUNED", {})
   monkeypatch.setattr(opts, "BATCH_LOOP", True)

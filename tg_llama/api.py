@@ -53,6 +53,10 @@ def _stored_name(name: str, ckpt: Checkpoint) -> str:
   # a tied output head is the token embedding in the file
   return "model.embed_tokens.weight" if name == "lm_head.weight" and name not in ckpt.tensors else name
 
+def say_line(line: str):
+  sys.stderr.write(line + "\n")
+  sys.stderr.flush()
+
 def progress_bar(label: str) -> Callable[[int, int], None]:
   def show(done: int, total: int):
     if not sys.stderr.isatty() and done != total: return
@@ -161,12 +165,14 @@ class Shard:
   def __call__(self, x: Tensor, start_pos: int, last_only: bool = True) -> Tensor:
     return self.llama(x, self.cache, [(0, start_pos)], last_only=last_only)
 
-def _prepare(source, backend, dtype, max_context, slots: int = 1, quantize: str | None = None) -> tuple[Backend, DType, Checkpoint, int]:
-  """The backend, compute dtype, checkpoint (its config only: no tensor data is read) and context, each checked."""
+def _prepare(source, backend, dtype, max_context, slots: int = 1, quantize: str | None = None,
+             say: Callable[[str], None] | None = None) -> tuple[Backend, DType, Checkpoint, int]:
+  """The backend, compute dtype, checkpoint (its config only: no tensor data is read) and context, each checked; `say`
+  hears of long work on the way (the CPU's first-use probe)."""
   if dtype is not None and dtype not in DTYPES: raise InvalidArgumentError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
   if max_context is not None and (isinstance(max_context, bool) or not isinstance(max_context, int) or max_context < 1):
     raise InvalidArgumentError(f"max_context must be an int >= 1, but is {max_context!r}")
-  be = resolve_backend(backend)
+  be = resolve_backend(backend, say)
   compute = DTYPES[dtype] if dtype else be.dtype
   if compute != be.dtype: _check_dtype(be, compute)
   ckpt = open_checkpoint(source)
@@ -243,7 +249,7 @@ def load(source: str | pathlib.Path, backend: str | None = None, dtype: str | No
   stored, decoded inside the matmul: the same logits, half the bytes per token). Default: "gguf" for such a file
   on one device, else "none".
   slots: how many sequences the engine runs at once (a KV cache slot each; a server wants several)."""
-  be, compute, ckpt, context = _prepare(source, backend, dtype, max_context, slots, quantize)
+  be, compute, ckpt, context = _prepare(source, backend, dtype, max_context, slots, quantize, say_line if progress else None)
   devs = devices_for(be.device, devices) if devices > 1 else ()
   if devs: check_divisible(ckpt.config, devices)  # before reading any weights
   llama, quantization = build(ckpt, be.device, compute, devices=devs, quantize=quantize,

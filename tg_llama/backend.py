@@ -20,6 +20,7 @@ Not here: spreading one model over several devices (see load_shard), choosing ke
 from __future__ import annotations
 import contextlib, ctypes, functools, os, pathlib, sqlite3, threading, warnings
 from dataclasses import dataclass
+from typing import Callable
 from tinygrad import Device, dtypes
 from tinygrad.dtype import DType
 from tinygrad.helpers import DEV, Context
@@ -96,7 +97,7 @@ def _warn_once(message: str): warnings.warn(message, RuntimeWarning, stacklevel=
 
 def known_backends() -> list[str]: return sorted(set(BACKENDS) - {"null"})
 
-def resolve_backend(name: str | None = None) -> Backend:
+def resolve_backend(name: str | None = None, say: Callable[[str], None] | None = None) -> Backend:
   """The backend named (or the environment's), set up for this process: tinygrad's kernel cache points at its
   folder, and tensors made without a device land on it. Raises if its device does not open here."""
   name = name or os.environ.get("TG_LLAMA_BACKEND")
@@ -112,7 +113,7 @@ def resolve_backend(name: str | None = None) -> Backend:
   prefix = device.split(":")[0]
   if prefix == "CPU":
     from tg_llama import cpu  # only here: no other backend imports it
-    cpu.install()
+    cpu.install(say)
   if DEV.device != prefix:  # a backend named by us, not by DEV: tinygrad's default device follows it
     DEV.value = prefix
     os.environ["DEV"] = prefix  # as tinygrad does, for the processes it spawns

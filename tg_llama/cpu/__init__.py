@@ -21,11 +21,12 @@ from tg_llama.backend import KernelLayout
 # every token, in vector multiply-adds of a contiguous panel row by one input value (tg_llama/linear.py's matmul)
 LAYOUT = KernelLayout(dot_lanes=4, matvec_lanes=64, even_groups=True, panel=16)
 
-def install():
+def install(say=None):
   """Set up this process for the CPU backend: tinygrad's heuristic and its compile workers use our kernel choices (those
-  `tg-llama tune` chose on this machine where it ran, else the defaults with the probe's choice for a decode batch, tune.py)."""
+  `tg-llama tune` chose on this machine where it ran, else the defaults with the probe's choice for a decode batch, tune.py;
+  `say`, where given, hears of a probe before it runs)."""
   from tg_llama.cpu import tune
-  tune.install()
+  tune.install(say)
 
 @functools.cache
 def fall_back(what: str, lacking: str):

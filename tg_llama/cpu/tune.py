@@ -192,12 +192,16 @@ def load(folder: pathlib.Path | None = None) -> dict[tuple[str, tuple[int, ...],
   """This machine's tuned choices (for opts.install), or none: the defaults."""
   return t.choices() if (t := this_machines(read_tables(folder))) is not None else {}
 
-def install() -> None:
+PROBING = "timing this CPU's decode kernels, once for this machine (a few seconds)..."
+
+def install(say: Callable[[str], None] | None = None) -> None:
   """opts.install with this machine's table, probing the machine first (and keeping the probe's table in the CPU's
-  cache folder) where it has none, or only a probe's from before the probe timed what it times today."""
+  cache folder) where it has none, or only a probe's from before the probe timed what it times today; `say` hears of
+  the probe before it runs."""
   opts.install()
   t = this_machines(read_tables(folder := cache_folder("cpu")))
   if (t is None or t.stale_probe) and folder is not None:
+    if say: say(PROBING)
     try: loop, rows, capped, _ = probe()
     except Exception as e:  # a bug of ours or a tinygrad change: the defaults serve, slower on some CPUs
       warnings.warn(f"probing this CPU's decode batch failed ({type(e).__name__}: {e}); using the defaults", RuntimeWarning, stacklevel=2)
