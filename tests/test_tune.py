@@ -250,11 +250,16 @@ def cap_kept():
 
 def compiler_capped() -> bool: return vectors.bundle_flags(vectors.width())[1] in getattr(Device["CPU"].renderer.compiler, "args", ())
 
-def test_a_machine_without_a_table_is_probed_once_and_keeps_the_probes_table(tmp_path, monkeypatch, cap_kept):
-  monkeypatch.setattr(opts, "TUNED", {})  # install() sets these: restored after the test
+@pytest.fixture
+def own_table(tmp_path, monkeypatch, cap_kept):
+  """tune.install() in this test keeps its table in tmp_path, and what it sets (opts' choices, the cap) is as it was after."""
+  monkeypatch.setattr(opts, "TUNED", {})
   monkeypatch.setattr(opts, "BATCH_LOOP", opts.BATCH_LOOP)
   monkeypatch.setattr(opts, "BATCH_ROWS", opts.BATCH_ROWS)
   monkeypatch.setattr(tune, "cache_folder", lambda name: tmp_path)
+  return tmp_path
+
+def test_a_machine_without_a_table_is_probed_once_and_keeps_the_probes_table(tmp_path, monkeypatch, own_table):
   probed, probe = [], tune.probe
   monkeypatch.setattr(tune, "probe", lambda: probed.append(probe()) or probed[-1])
   tune.install()
@@ -275,13 +280,9 @@ def test_a_machine_without_a_table_is_probed_once_and_keeps_the_probes_table(tmp
   tune.install()
   assert len(probed) == 1  # the table is this machine's now
 
-def test_a_probe_is_announced_where_the_caller_listens(tmp_path, monkeypatch, cap_kept):
+def test_a_probe_is_announced_where_the_caller_listens(tmp_path, monkeypatch, own_table):
   # `tg-llama chat|generate|serve` load with progress: the first start on a machine says why it pauses, once
   from tg_llama.backend import resolve_backend
-  monkeypatch.setattr(opts, "TUNED", {})
-  monkeypatch.setattr(opts, "BATCH_LOOP", opts.BATCH_LOOP)
-  monkeypatch.setattr(opts, "BATCH_ROWS", opts.BATCH_ROWS)
-  monkeypatch.setattr(tune, "cache_folder", lambda name: tmp_path)
   monkeypatch.setattr(tune, "probe", lambda: (True, 4, True, {}))
   heard = []
   resolve_backend("cpu", heard.append)
@@ -397,11 +398,7 @@ def test_a_tables_batch_loop_is_read_and_written(tmp_path):
   t = tune.this_machines(tune.read_tables(tmp_path))
   assert t.batch_loop and t.batch_rows == 4 and tune.describe(tmp_path).startswith("defaults, a quantized decode batch as a loop, 4 rows at a time")
 
-def test_a_table_written_before_batch_rows_runs_its_loop_one_row_at_a_time_or_is_probed_again(tmp_path, monkeypatch):
-  monkeypatch.setattr(opts, "TUNED", {})  # install() sets these: restored after the test
-  monkeypatch.setattr(opts, "BATCH_LOOP", opts.BATCH_LOOP)
-  monkeypatch.setattr(opts, "BATCH_ROWS", opts.BATCH_ROWS)
-  monkeypatch.setattr(tune, "cache_folder", lambda name: tmp_path)
+def test_a_table_written_before_batch_rows_runs_its_loop_one_row_at_a_time_or_is_probed_again(tmp_path, monkeypatch, own_table):
   monkeypatch.setattr(tune, "probe", lambda: (True, 4, True, {}))
   write(tmp_path, {"format": tune.FORMAT, "tables": [{**table(tune.machine(), [KERNEL]), "batch_loop": True}]})  # a tune's
   tune.install()
@@ -410,12 +407,8 @@ def test_a_table_written_before_batch_rows_runs_its_loop_one_row_at_a_time_or_is
   tune.install()
   assert (opts.BATCH_LOOP, opts.BATCH_ROWS) == (True, 4) and tune.this_machines(tune.read_tables(tmp_path)).batch_rows == 4
 
-def test_a_table_written_before_the_cap_was_probed(tmp_path, monkeypatch, cap_kept):
+def test_a_table_written_before_the_cap_was_probed(tmp_path, monkeypatch, own_table):
   # a tune's table ran capped (every process did then); a probe's is probed again, and its choice kept
-  monkeypatch.setattr(opts, "TUNED", {})
-  monkeypatch.setattr(opts, "BATCH_LOOP", opts.BATCH_LOOP)
-  monkeypatch.setattr(opts, "BATCH_ROWS", opts.BATCH_ROWS)
-  monkeypatch.setattr(tune, "cache_folder", lambda name: tmp_path)
   monkeypatch.setattr(tune, "probe", lambda: (True, 4, False, {}))
   write(tmp_path, {"format": tune.FORMAT, "tables": [{**table(tune.machine(), [KERNEL]), "batch_loop": True, "batch_rows": 4}]})
   tune.install()
