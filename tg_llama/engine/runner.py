@@ -188,7 +188,9 @@ class ModelRunner:
     """The batch size a step of n rows runs at: the smallest that holds them, or with `ready` the smallest of those whose
     graph is ready (captured, or loaded from the cache) where there is one."""
     fits = [b for b in self.buckets if b >= n]
-    return next((b for b in fits if b in self.ready_buckets()), fits[0]) if ready else fits[0]
+    if not ready: return fits[0]
+    ready_ones = self.ready_buckets()
+    return next((b for b in fits if b in ready_ones), fits[0])
 
   def ready_buckets(self) -> list[int]:
     """The batch sizes whose decode graph is ready: captured, or loaded from the cache."""
