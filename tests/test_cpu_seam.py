@@ -178,7 +178,7 @@ def mode_run(path: str, prompt: str, backend: str, module: str, alias: str, name
     from tg_llama.cpu import opts, vectors
     out.update(our_heuristic=heuristic.hand_coded_optimizations is opts.hand_coded_optimizations, our_pool=realize.get_worker_pool is opts.get_worker_pool,
                our_vectors=codegen.memory_coalescing is vectors.memory_coalescing, vectors_said=vectors.describe(),
-               capped=vectors.bundle_flags(vectors.width())[1] in getattr(Device["CPU"].renderer.compiler, "args", ()),
+               capped=vectors.is_capped(Device["CPU"].renderer.compiler),
                x86_wide=platform.machine().lower() in ("x86_64", "amd64") and vectors.width() > 4, cap_chosen=vectors.CAP)
   return out
 

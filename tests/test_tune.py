@@ -248,7 +248,7 @@ def cap_kept():
   vectors.CAP = was
   vectors.cap_bundles(Device["CPU"].renderer.compiler, was)
 
-def compiler_capped() -> bool: return vectors.bundle_flags(vectors.width())[1] in getattr(Device["CPU"].renderer.compiler, "args", ())
+def compiler_capped() -> bool: return vectors.is_capped(Device["CPU"].renderer.compiler)
 
 @pytest.fixture
 def own_table(tmp_path, monkeypatch, cap_kept):

@@ -61,6 +61,10 @@ def bundle_flags(width: int) -> list[str]:
   """clang's flags that cap its vectorizer's bundles at `width` elements (one register of floats)."""
   return ["-mllvm", f"-slp-max-vf={width}"]
 
+def is_capped(compiler) -> bool:
+  """Whether `compiler` (the CPU renderer's, or a compile worker's) compiles with bundle_flags."""
+  return bundle_flags(width())[1] in getattr(compiler, "args", ())
+
 CAP = True  # whether CPU clang compilers get bundle_flags (tune.py's probe chooses it per machine: opts.install passes it on)
 
 def cap_bundles(compiler, on: bool | None = None):
@@ -84,7 +88,7 @@ def compiling(compiler, on: bool):
   """Compile with `compiler` capped or not inside (tune.py's probe times both), in this process: as it was after. tinygrad
   keeps a process's programs by kernel and renderer, not by the compiler's flags, so those compiled inside are compiled
   anew and forgotten after."""
-  was, programs = bundle_flags(width())[1] in getattr(compiler, "args", ()), codegen.to_program_cache
+  was, programs = is_capped(compiler), codegen.to_program_cache
   codegen.to_program_cache = {}
   cap_bundles(compiler, on)
   try: yield
@@ -95,8 +99,7 @@ def compiling(compiler, on: bool):
 def describe() -> str:
   """The vector width in use, in words (the bench prints it with the kernel choices)."""
   if codegen.memory_coalescing is memory_coalescing:  # installed: lacking() found nothing
-    capped = bundle_flags(width())[1] in getattr(Device["CPU"].renderer.compiler, "args", ())
-    return f"loads up to {width()} floats a vector" + (f", clang's vectorizer capped at {width()}" if capped else "")
+    return f"loads up to {width()} floats a vector" + (f", clang's vectorizer capped at {width()}" if is_capped(Device["CPU"].renderer.compiler) else "")
   return "loads up to 4 floats a vector (tinygrad's)"
 
 def lacking() -> list[str]:
