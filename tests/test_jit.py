@@ -47,3 +47,57 @@ def test_a_call_with_the_same_inputs_skips_tinygrads_input_checks(monkeypatch):
   for r in (4, 1):  # both inputs known now, in turn (a head's logits from the prefill graph, then the decode step's)
     assert jit(x, row.bind(r)).item() == 2 * table[r].sum() and jit(y, row.bind(r)).item() == 3 * table[r].sum()
   assert len(checks) == 3
+
+def _two_realizes(scale: float):
+  """A function of two realizes, its kernels new to this process (`scale` a constant no other test uses), and its numpy twin."""
+  import numpy as np
+  w = np.random.default_rng(0).standard_normal((5, 3)).astype(np.float32)
+  wt = Tensor(w).realize()
+  def f(x: Tensor) -> Tensor:
+    h = ((x @ wt) * scale).relu().realize()
+    return (h.exp2() + scale).sum(1).realize()
+  return f, lambda x: (np.exp2(np.maximum(x @ w * scale, 0)) + scale).sum(1)
+
+def test_a_captures_kernels_compile_while_it_is_still_being_captured(monkeypatch):
+  # tinygrad compiles a capture's kernels once its function has returned (jit_lower); ours go to the compile pool as each
+  # realize is captured, so that compiling overlaps the scheduling of the rest, and jit_lower finds every one compiled
+  import numpy as np
+  from tinygrad import Context
+  from tinygrad.engine import realize
+  from tg_llama.engine.runner import Jit
+  compiled_late, lower = [], realize.lower_and_compile
+  def counting(linear):
+    before = len(realize.to_program_cache)
+    out = lower(linear)
+    compiled_late.append(len(realize.to_program_cache) - before)
+    return out
+  f, reference = _two_realizes(0.4321)
+  sent_while_capturing = []
+  def noting(x):
+    out = f(x)
+    sent_while_capturing.append(len(jit.early.pending))  # the function has not returned yet
+    return out
+  jit = Jit(noting)
+  x = np.random.default_rng(1).standard_normal((4, 5)).astype(np.float32)
+  with Context(PARALLEL=1):
+    monkeypatch.setattr(realize, "lower_and_compile", counting)
+    out = jit(Tensor(x).realize()).numpy()
+  assert jit.captured is not None and sent_while_capturing[0] >= 2  # both realizes' kernels
+  assert sum(compiled_late) == 0 and not jit.early.pending
+  np.testing.assert_allclose(out, reference(x), rtol=1e-5)
+  again = np.random.default_rng(2).standard_normal((4, 5)).astype(np.float32)
+  np.testing.assert_allclose(jit(Tensor(again).realize()).numpy(), reference(again), rtol=1e-5)  # the graph replays
+
+def test_without_a_pool_or_tinygrads_internals_a_capture_compiles_as_tinygrad_does(monkeypatch):
+  import numpy as np
+  from tinygrad import Context
+  from tg_llama.engine import early_compile
+  from tg_llama.engine.runner import Jit
+  x = np.random.default_rng(3).standard_normal((4, 5)).astype(np.float32)
+  for n, (scale, parallel) in enumerate(((0.5678, 0), (0.6789, 1))):
+    if n == 1: monkeypatch.setattr(early_compile, "NEEDS", early_compile.NEEDS + ("internal_of_another_version",))
+    f, reference = _two_realizes(scale)
+    jit = Jit(f)
+    with Context(PARALLEL=parallel):
+      np.testing.assert_allclose(jit(Tensor(x).realize()).numpy(), reference(x), rtol=1e-5)
+    assert jit.captured is not None and not jit.early.pending

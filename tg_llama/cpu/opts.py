@@ -30,7 +30,7 @@ import tinygrad.engine.worker as worker
 from tinygrad import Device, dtypes
 from tinygrad.codegen.opt import KernelOptError, Opt, OptOps
 from tinygrad.codegen.opt.postrange import Scheduler
-from tinygrad.helpers import NUM_CPU_THREADS, PARALLEL, getenv, prod
+from tinygrad.helpers import BEAM, NUM_CPU_THREADS, PARALLEL, getenv, prod
 from tinygrad.uop.ops import AxisType, Ops, UOp
 from tg_llama.cpu import LAYOUT, fall_back, missing, vectors
 
@@ -277,13 +277,19 @@ def _init_worker(tuned: dict, batch_loop: bool, batch_rows: int, capped: bool):
   heuristic.hand_coded_optimizations = hand_coded_optimizations
   if not vectors.lacking(): vectors.install(cap=capped)
 
+# compiles a worker runs before it is replaced: tinygrad's 16 bounds what BEAM's workers grow to over thousands of
+# candidates, but a new worker imports tinygrad again (~0.5 s of a core), and a cold start's prefill chunk alone is ~40
+# kernels on 2 workers (each replaced once: 0.5 s later to its first token on the AMD EPYC)
+COMPILES_PER_WORKER = 256
+
 def get_worker_pool():
   """tinygrad's compile pool (engine/worker.py's get_worker_pool), its workers started with our heuristic."""
   if multiprocessing.current_process().daemon or PARALLEL == 0: return None
   # tinygrad's own pool, or ours started with another table
   if worker.worker_pool is not None and getattr(worker.worker_pool, "tg_llama", None) != _state(): worker.terminate_worker_pool()
   if worker.worker_pool is None:
-    worker.worker_pool = pool = worker._WorkerContext().Pool(PARALLEL.value, _init_worker, _state(), getenv("BEAM_MAX_TASKS_PER_CHILD", 16))
+    worker.worker_pool = pool = worker._WorkerContext().Pool(PARALLEL.value, _init_worker, _state(),
+                                                               getenv("BEAM_MAX_TASKS_PER_CHILD", 16 if BEAM else COMPILES_PER_WORKER))
     pool.tg_llama = _state()
     atexit.register(pool.close)
   return worker.worker_pool

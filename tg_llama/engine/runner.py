@@ -26,8 +26,10 @@ import numpy as np
 from tinygrad import Tensor, UOp, dtypes
 from tinygrad.dtype import DType
 from tinygrad.engine.jit import _TinyJit, _prepare_jit_inputs
+from tinygrad.nn.state import get_parameters
 from tg_llama.backend import free_buffer_cache, on_cpu
 from tg_llama.config import LlamaConfig
+from tg_llama.engine.early_compile import EarlyCompile
 from tg_llama.engine.kv_cache import KVCache
 from tg_llama.models.llama import Llama
 from tg_llama.parallel import place_input, shard_model
@@ -50,14 +52,29 @@ class Jit(_TinyJit):
   own replay (tg_llama/cpu/graph.py, imported only then), which takes it when every kernel runs on the CPU; any other graph
   replays through tinygrad. The first call captures (TinyJit's runs its function once without capturing first): that run
   is not memory-planned, so it held every intermediate at once (Llama 3.2 1B's prefill chunk: 256 MB over the graph's),
-  and it cost a whole extra run of every graph on a cold start. What the model reads is realized before its first call."""
+  and it cost a whole extra run of every graph on a cold start. What the model reads is realized before its first call.
+  A capture's kernels are compiled as they are captured (tg_llama/engine/early_compile.py), not all after it."""
   offered = None     # the captured graph last offered: each once
   known_for = None   # the captured graph `known` is of
   MAX_KNOWN = 8      # input sets remembered a graph (a head's logits come from the prefill graphs and the decode step's)
 
   def __init__(self, fxn=None, captured=None, prune=False):
-    super().__init__(fxn, captured, prune)
+    self.early = EarlyCompile()
+    super().__init__(fxn if fxn is None else self._compiling_early(fxn), captured, prune)
     if fxn is not None: self.cnt = 1
+
+  def _compiling_early(self, fxn):
+    def run(*args, **kwargs):
+      ret = fxn(*args, **kwargs)
+      if self.early.pending:  # a capture: its outputs' kernels sent too, and every kernel compiled before jit_lower looks
+        Tensor.realize(*get_parameters(ret))
+        self.early.collect()
+      return ret
+    return run
+
+  def add_linear(self, linear, var_vals):
+    super().add_linear(linear, var_vals)
+    self.early.send(linear)
 
   def __call__(self, *args, **kwargs):
     uops = tuple(a.uop for a in args if isinstance(a, Tensor))
