@@ -60,17 +60,23 @@ def _two_realizes(scale: float):
 
 def test_a_captures_kernels_compile_while_it_is_still_being_captured(monkeypatch):
   # tinygrad compiles a capture's kernels once its function has returned (jit_lower); ours go to the compile pool as each
-  # realize is captured, so that compiling overlaps the scheduling of the rest, and jit_lower finds every one compiled
+  # realize is captured, so that compiling overlaps the scheduling of the rest, and jit_lower finds every one compiled and
+  # in place; the capture's own run of its graph is the CPU runner's, not tinygrad's replay
   import numpy as np
   from tinygrad import Context
-  from tinygrad.engine import realize
+  from tinygrad.engine import jit as tinygrad_jit, realize
+  from tinygrad.uop.ops import Ops
+  from tg_llama.cpu.graph import ThreadedJit
   from tg_llama.engine.runner import Jit
-  compiled_late, lower = [], realize.lower_and_compile
+  compiled_late, to_compile, lower = [], [], realize.lower_and_compile
   def counting(linear):
     before = len(realize.to_program_cache)
+    to_compile.append(sum(1 for c in linear.toposort() if c.op is Ops.CALL and realize._get_call_to_compile(c) is not None))
     out = lower(linear)
     compiled_late.append(len(realize.to_program_cache) - before)
     return out
+  replays, replay = [], tinygrad_jit.CapturedJit.__call__
+  monkeypatch.setattr(tinygrad_jit.CapturedJit, "__call__", lambda *a: replays.append(1) or replay(*a))
   f, reference = _two_realizes(0.4321)
   sent_while_capturing = []
   def noting(x):
@@ -83,7 +89,8 @@ def test_a_captures_kernels_compile_while_it_is_still_being_captured(monkeypatch
     monkeypatch.setattr(realize, "lower_and_compile", counting)
     out = jit(Tensor(x).realize()).numpy()
   assert jit.captured is not None and sent_while_capturing[0] >= 2  # both realizes' kernels
-  assert sum(compiled_late) == 0 and not jit.early.pending
+  assert sum(compiled_late) == 0 and sum(to_compile) == 0 and not jit.early.pending
+  assert isinstance(jit.captured, ThreadedJit) and not replays
   np.testing.assert_allclose(out, reference(x), rtol=1e-5)
   again = np.random.default_rng(2).standard_normal((4, 5)).astype(np.float32)
   np.testing.assert_allclose(jit(Tensor(again).realize()).numpy(), reference(again), rtol=1e-5)  # the graph replays

@@ -4,8 +4,8 @@ tinygrad's TinyJit captures a graph without running it: each realize inside the 
 the capturing jit (`add_linear`), and only when the captured function has returned are they all lowered and compiled, in
 tinygrad's pool of compile workers (jit_lower). Capturing a 64-token prefill chunk of SmolLM2 on a cold cache scheduled
 for ~3 s and then compiled its 34 kernels for ~5 s, the workers idle during the first part and the scheduler during the
-second. Here each kernel goes to the pool as soon as it is scheduled, and what comes back fills tinygrad's program cache
-before jit_lower looks there.
+second. Here each kernel goes to the pool as soon as it is scheduled; what comes back fills tinygrad's program cache, and
+is put in the captured calls' place of their kernels' ASTs (`compiled`), so that jit_lower has nothing left to compile.
 
 Nothing is sent early where BEAM searches (it compiles in the parent, where it can time the candidates), where there is
 no pool (PARALLEL=0), or where this tinygrad lacks what is read here (then jit_lower compiles everything, as tinygrad
@@ -36,3 +36,17 @@ class EarlyCompile:
     """Wait for what was sent, and put it where tinygrad's compile looks first."""
     pending, self.pending = self.pending, {}
     for key, result in pending.items(): realize.to_program_cache[key] = result.get()[1]
+
+  def compiled(self, linear: UOp) -> UOp:
+    """`linear` with each kernel's compiled program in place of its AST, as jit_lower's compile would put it there; that
+    compile then has nothing to do. It swaps each call's program in by a graph rewrite of its own, 0.6 s for the 420 calls
+    of SmolLM2's prefill chunk on the AMD EPYC, where the calls share 34 programs."""
+    if not available(): return linear
+    programs: dict[UOp, UOp | None] = {}
+    def program(call: UOp) -> UOp | None:
+      if (ast := call.src[0]) not in programs:
+        job = realize._get_call_to_compile(call)
+        programs[ast] = None if job is None or job[0] is not ast else realize.to_program_cache.get(realize.to_program_key(*job))
+      return programs[ast]
+    return linear.replace(src=tuple(call.replace(src=(prg, *call.src[1:])) if call.op is Ops.CALL and (prg := program(call)) is not None
+                                    else call for call in linear.src))

@@ -24,6 +24,7 @@ from __future__ import annotations
 from typing import Sequence
 import numpy as np
 from tinygrad import Tensor, UOp, dtypes
+from tinygrad.helpers import JIT
 from tinygrad.dtype import DType
 from tinygrad.engine.jit import _TinyJit, _prepare_jit_inputs
 from tinygrad.nn.state import get_parameters
@@ -53,10 +54,13 @@ class Jit(_TinyJit):
   replays through tinygrad. The first call captures (TinyJit's runs its function once without capturing first): that run
   is not memory-planned, so it held every intermediate at once (Llama 3.2 1B's prefill chunk: 256 MB over the graph's),
   and it cost a whole extra run of every graph on a cold start. What the model reads is realized before its first call.
-  A capture's kernels are compiled as they are captured (tg_llama/engine/early_compile.py), not all after it."""
-  offered = None     # the captured graph last offered: each once
-  known_for = None   # the captured graph `known` is of
-  MAX_KNOWN = 8      # input sets remembered a graph (a head's logits come from the prefill graphs and the decode step's)
+  A capture's kernels are compiled as they are captured (tg_llama/engine/early_compile.py), not all after it, and its graph
+  is offered to the CPU's replay before the capture's own run of it."""
+  offered = None       # the captured graph last offered: each once
+  known_for = None     # the captured graph `known` is of
+  MAX_KNOWN = 8        # input sets remembered a graph (a head's logits come from the prefill graphs and the decode step's)
+  capture_args = None  # the arguments of the call that is capturing, while it does
+  _captured = None
 
   def __init__(self, fxn=None, captured=None, prune=False):
     self.early = EarlyCompile()
@@ -66,11 +70,24 @@ class Jit(_TinyJit):
   def _compiling_early(self, fxn):
     def run(*args, **kwargs):
       ret = fxn(*args, **kwargs)
-      if self.early.pending:  # a capture: its outputs' kernels sent too, and every kernel compiled before jit_lower looks
+      if self.capture_args is not None:  # its outputs' kernels sent too, and every kernel compiled before jit_lower looks
         Tensor.realize(*get_parameters(ret))
         self.early.collect()
+        if hasattr(self, "_linears"): self._linears = [self.early.compiled(linear) for linear in self._linears]
       return ret
     return run
+
+  @property
+  def captured(self): return self._captured
+
+  @captured.setter
+  def captured(self, graph):
+    # a graph captured by this call, offered before the capture's own run of it: tinygrad's replay of that run took 0.4 s
+    # longer than the CPU's runner, and finding the buffers it writes 0.25 s more (a prefill chunk, AMD EPYC)
+    self._captured = graph
+    if graph is not None and (args := self.capture_args) is not None:
+      self.capture_args = None
+      self._offer(*args)
 
   def add_linear(self, linear, var_vals):
     super().add_linear(linear, var_vals)
@@ -85,8 +102,9 @@ class Jit(_TinyJit):
       return self.captured(bufs, {v.expr: value for v, value in (a.unbind() for a in args if isinstance(a, UOp))})
     self._offer(args, kwargs)  # a graph from the cache (tg_llama/jit_cache.py): replayed by the CPU's runner from its first call
     checked = self.cnt >= 2
-    ret = super().__call__(*args, **kwargs)
-    self._offer(args, kwargs)  # a graph captured by this call
+    self.capture_args = (args, kwargs) if JIT and self.cnt == 1 and self.fxn is not None else None  # as TinyJit decides
+    try: ret = super().__call__(*args, **kwargs)
+    finally: self.capture_args = None
     if checked and not kwargs and self.captured is not None: self._remember(args, uops)  # JIT=0 captures nothing
     return ret
 
