@@ -71,7 +71,7 @@ class Jit(_TinyJit):
     def run(*args, **kwargs):
       ret = fxn(*args, **kwargs)
       if self.capture_args is not None:  # its outputs' kernels sent too, and every kernel compiled before jit_lower looks
-        Tensor.realize(*get_parameters(ret))
+        if params := get_parameters(ret): Tensor.realize(*params)
         self.early.collect()
         if hasattr(self, "_linears"): self._linears = [self.early.compiled(linear) for linear in self._linears]
       return ret
