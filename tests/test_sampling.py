@@ -173,3 +173,15 @@ def test_under_tinyjit(monkeypatch):
   assert [step(x).numpy()[:, 0].tolist() for _ in range(10)] == got
   s.reset([SamplingParams(0.0)] * 2)
   assert step(Tensor(np.eye(2, V, 1500, dtype=np.float32))).numpy()[:, 0].tolist() == [1500, 1501]
+
+def test_the_threshold_searchs_passes_share_their_kernel_over_the_vocabulary():
+  # top-p's search is 16 passes, each a sum over the whole vocabulary against 3 candidates: one kernel for every pass to
+  # compile (a new process compiles a sampling graph before its first token), not 16 that differ in a constant
+  from tinygrad.uop.ops import Ops
+  from tg_llama.sampling import filter_logits, knob_rows
+  V = 49152
+  logits = Tensor(np.random.default_rng(0).standard_normal((1, V)).astype(np.float32)).realize()
+  knobs = Tensor(knob_rows([SamplingParams(temperature=0.7, top_p=0.9)])).realize()
+  linear = filter_logits(logits, knobs, top_k=False).schedule_linear()
+  wide = {c.src[0] for c in linear.src if c.op is Ops.CALL and any(u.op is Ops.BUFFER and u.buffer.size >= V for u in c.src[1:])}
+  assert len(wide) < 16
