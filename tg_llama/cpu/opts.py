@@ -279,7 +279,8 @@ def _init_worker(tuned: dict, batch_loop: bool, batch_rows: int, capped: bool):
 
 # compiles a worker runs before it is replaced: tinygrad's 16 bounds what BEAM's workers grow to over thousands of
 # candidates, but a new worker imports tinygrad again (~0.5 s of a core), and a cold start's prefill chunk alone is ~40
-# kernels on 2 workers (each replaced once: 0.5 s later to its first token on the AMD EPYC)
+# kernels on 2 workers (each replaced once: 0.5 s later to its first token on the AMD EPYC). A worker grows with what it
+# compiles: at most 83 MB through a chat's first-run compile, 240 MB through `tg-llama tune` (AMD EPYC, 2 workers)
 COMPILES_PER_WORKER = 256
 
 def get_worker_pool():
