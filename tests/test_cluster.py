@@ -2,6 +2,7 @@
 (Ray's own ray.cluster_utils.Cluster, three nodes with their own names and resources), stages placed on different nodes,
 compared with transformers and with one process; a stage killed mid-generation; the plan's errors; the server."""
 import os, signal, time
+import numpy as np
 import pytest
 ray = pytest.importorskip("ray")
 from ray.cluster_utils import Cluster
@@ -10,7 +11,7 @@ from tg_llama.cluster import load
 from tg_llama.cluster.plan import make_plan, parse_layers, split_by_weight
 from tg_llama.config import LlamaConfig
 from tg_llama.errors import InvalidArgumentError, TgLlamaError
-from tiny_models import PROMPT, hf_model, reference_greedy, write_hf
+from tiny_models import PROMPT, hf_model, reference_greedy, reference_logits, write_hf
 
 GB = 1 << 30
 
@@ -89,6 +90,54 @@ def test_requests_in_flight_on_every_stage_at_once(cluster, tiny):
   overlaps = sum(a0 < b1 and b0 < a1 for a0, a1 in first for b0, b1 in last)
   assert overlaps >= 10, f"the stages computed at the same time {overlaps} times in {len(first)} steps"
   for actor in model.runner.stages: ray.kill(actor)
+
+class Counted:
+  """An actor handle whose calls of the named methods the driver makes are counted (the actors' own calls are not)."""
+  def __init__(self, handle, *methods):
+    self.handle, self.calls = handle, dict.fromkeys(methods, 0)
+  def __getattr__(self, name):
+    method = getattr(self.handle, name)
+    if name not in self.calls: return method
+    counted = self
+    class Method:
+      def remote(self, *args, **kwargs):
+        counted.calls[name] += 1
+        return method.remote(*args, **kwargs)
+    return Method()
+
+def test_the_last_stage_starts_the_next_decode_step_on_the_first(cluster, tiny):
+  # a token's step goes last stage -> first -> last: the driver sends the first stage no decode step while the engine's
+  # steps follow each other; when they do not (a request ends, its slot is reused), the step started ahead is dropped
+  ref_model, path = tiny
+  model = load(path, stages=2, nodes=["node-a", "node-b"], max_context=64, slots=2)
+  first, last = model.runner.stages
+  model.runner.stages = [Counted(first, "rows"), Counted(last, "settle")]
+  before = model.runner.stage_infos()[0]["steps"]
+  assert list(model.generate(PROMPT, 12)) == reference_greedy(ref_model, PROMPT, 12)
+  # the prompt's steps (in rows) come from the driver; each new token's but the first from the last stage
+  assert model.runner.stage_infos()[0]["steps"] - before - model.runner.stages[0].calls["rows"] >= 11
+  short, long = (model.engine.submit(tg_llama.engine.engine.Request(tuple(p), n)) for p, n in ((PROMPT[:6], 4), (PROMPT[3:], 14)))
+  assert [o.token for o in short] == reference_greedy(ref_model, PROMPT[:6], 4)  # its end changes the step's rows
+  assert [o.token for o in long] == reference_greedy(ref_model, PROMPT[3:], 14)
+  assert model.runner.stages[1].calls["settle"] >= 1 and model.runner.stages[0].calls["rows"] >= 1
+  # the slots again, their prefixes reused: where a dropped step wrote is written again before it is read
+  assert list(model.generate(PROMPT[:6] + PROMPT[:3], 10)) == reference_greedy(ref_model, PROMPT[:6] + PROMPT[:3], 10)
+  assert list(model.generate(PROMPT, 12)) == reference_greedy(ref_model, PROMPT, 12)
+  # a step started ahead whose logits the driver reads too (log-probabilities): transformers' log-softmax
+  outs = list(model.engine.submit(tg_llama.engine.engine.Request(tuple(PROMPT), 6, logprobs=1)))
+  tokens = [o.token for o in outs]
+  assert tokens == reference_greedy(ref_model, PROMPT, 6)
+  logits = reference_logits(ref_model, PROMPT + tokens[:-1])[len(PROMPT) - 1:]
+  expected = logits - np.log(np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True)) - logits.max(-1, keepdims=True)
+  np.testing.assert_allclose([o.logprob for o in outs], [row[t] for row, t in zip(expected, tokens)], atol=1e-4)
+  for actor in (first, last): ray.kill(actor)
+  # stages on one node's CPU share its cores: the driver's work would slow the first stage as much as it saves
+  model = load(path, stages=2, nodes=["node-a", "node-a"], max_context=64)
+  model.runner.stages[0] = Counted(model.runner.stages[0], "rows")
+  before = model.runner.stage_infos()[0]["steps"]
+  assert list(model.generate(PROMPT, 8)) == reference_greedy(ref_model, PROMPT, 8)
+  assert model.runner.stage_infos()[0]["steps"] - before == model.runner.stages[0].calls["rows"]
+  for actor in model.runner.stages: ray.kill(actor.handle if isinstance(actor, Counted) else actor)
 
 def test_mixed_backends_cpu_and_opencl(cluster, tiny):
   ref_model, path = tiny

@@ -4,13 +4,22 @@ captured graphs (saved to and loaded from its node's graph cache, as one process
 The driver (tg_llama/cluster/pipeline.py) calls it with numpy arrays: token ids into the first stage, hidden states
 (float32) between stages. The last stage keeps its logits and samples from them when asked, so only token ids come back.
 Ray runs one actor's calls in the order a caller made them, so a stage needs no locks and no step numbers: its latest
-logits are those of the step the driver samples next."""
+logits are those of the step the driver samples next.
+
+The last stage also holds the other stages' handles: when the driver asks it to, it starts the next decode step on them
+with the tokens it just sampled (`sample`'s `then`), before its answer reaches the driver, which then sends only the
+last stage's part of that step. A token's step then goes last stage -> first -> ... -> last, not through the driver
+between stages (a ring, as exo's nodes pass a token on)."""
 from __future__ import annotations
 import atexit, collections, multiprocessing.util, os, time
 import numpy as np
 from tinygrad import Device
 from tg_llama.engine.runner import ModelRunner
 from tg_llama.transfer import read
+
+class AheadLost(Exception):
+  """A step the driver says was started here is not: this stage is a new process (Ray restarted it), the step's
+  hidden states went with the old one."""
 
 class Stage:
   def __init__(self, source: str | None, start_layer: int, end_layer: int, backend: str | None, dtype: str | None,
@@ -37,11 +46,17 @@ class Stage:
     self.graphs = GraphCache.for_model(self) if graphs_enabled(graph_cache) else None
     if self.graphs is not None: self.graphs.load()
     self.logits = None
+    self.earlier: list = []  # the stages before this one (the last stage's, from connect()): it starts steps on them
+    self.ahead: dict[int, object] = {}  # key -> the earlier stages' output (a ref) of a step started here
     self.busy_s, self.steps = 0.0, 0  # time inside rows(): the bench's stage compute, next to the pipeline's per-token time
     self.spans: collections.deque[tuple[float, float]] = collections.deque(maxlen=512)  # the latest steps' (start, end), monotonic
     # a new value each time the actor starts: the driver tells a restarted stage (its KV cache empty) by it
     self.incarnation = os.urandom(8).hex()
     self.load_s = time.perf_counter() - started
+
+  def connect(self, earlier: list):
+    """The handles of the stages before this one (the driver gives them to the last stage, again when it restarts)."""
+    self.earlier = earlier
 
   def info(self) -> dict:
     import ray
@@ -73,18 +88,37 @@ class Stage:
     return np.ascontiguousarray(rows(read(out)))
 
   def run(self, step: tuple, x, *after) -> np.ndarray | None:
-    """A step the driver describes as ("rows", rows) or ("chunk", slot, start), on its input x. `after`: refs of the
-    step's earlier calls here (a long prompt's chunks), so that their errors are this call's."""
+    """A step the driver describes as ("rows", rows) or ("chunk", slot, start), on its input x: the previous stage's
+    output, or ("ahead", key) for that of a step started here. `after`: refs of the step's earlier calls here (a long
+    prompt's chunks), so that their errors are this call's."""
+    if isinstance(x, tuple):
+      import ray
+      if x[1] not in self.ahead: raise AheadLost(f"step {x[1]} was started by an earlier incarnation of this stage")
+      x = ray.get(self.ahead.pop(x[1]))
     return self.rows(step[1], x) if step[0] == "rows" else self.chunk(step[1], x, step[2])
 
-  def sample(self, slots: list[int | None], greedy_only: bool, mask: np.ndarray | None, step: tuple = (), x=None, *after) -> np.ndarray:
+  def sample(self, slots: list[int | None], greedy_only: bool, mask: np.ndarray | None, step: tuple = (), x=None, *after,
+             then: tuple | None = None) -> np.ndarray:
     """Token ids from the latest logits (runner.sample); with `step` and its input `x` (as run() takes them), from that
     step's logits, run first: a step and its sampling in one call, a hop less a token. `after`: the ref of the step that
-    made the logits when it ran apart, so that a failed step fails this call too."""
+    made the logits when it ran apart, so that a failed step fails this call too. `then`: (key, [(row, slot, position)]):
+    start the next step of those rows, each with the token sampled for its row, on the earlier stages (kept as `key`)."""
     if step: self.run(step, x)
     tokens = self.runner.sample(self.logits, slots, greedy_only, mask)
+    if then is not None and self.earlier:  # (a restarted last stage has no handles until the driver's recovery)
+      key, rows = then
+      x = np.array([[tokens[r]] for r, _, _ in rows], dtype=np.int32)
+      for stage in self.earlier: x = stage.rows.remote([(s, p) for _, s, p in rows], x)
+      self.ahead[key] = x
     if self.graphs is not None: self.graphs.save_new()
     return tokens
+
+  def settle(self, keys: list[int] | None):
+    """Forget the steps started here as `keys` (None: all), once they have run: the driver will not use them, and sends
+    the earlier stages other work for their slots only after this answers, so that none of them writes a slot after it."""
+    import ray
+    refs = [self.ahead.pop(k) for k in (list(self.ahead) if keys is None else keys) if k in self.ahead]
+    if refs: ray.wait(refs, num_returns=len(refs))
 
   def host_logits(self, *after) -> np.ndarray: return self.logits.numpy()
 
