@@ -16,9 +16,10 @@ def reference(smollm2_gguf):
   return tok, model
 
 @pytest.fixture(scope="module")
-def ours(smollm2_gguf): return tg_llama.load(smollm2_gguf, max_context=512)
+def ours(): return tg_llama.load(max_context=512)  # no source: the default model
 
-def test_config(ours):
+def test_config(ours, smollm2_gguf):
+  assert ours.checkpoint.path == smollm2_gguf
   c = ours.config
   assert (c.n_layers, c.dim, c.n_heads, c.n_kv_heads, c.vocab_size, c.tie_embeddings) == (30, 576, 9, 3, 49152, True)
 

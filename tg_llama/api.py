@@ -8,6 +8,7 @@ from typing import Callable, Iterator
 import numpy as np
 from tinygrad import Tensor, dtypes
 from tinygrad.dtype import DType
+from tg_llama.assets import resolve_model
 from tg_llama.backend import Backend, free_buffer_cache, resolve_backend
 from tg_llama.config import LlamaConfig
 from tg_llama.convert import Checkpoint, check_weights, open_checkpoint, release_file_pages
@@ -175,7 +176,7 @@ def _prepare(source, backend, dtype, max_context, slots: int = 1, quantize: str 
   be = resolve_backend(backend, say)
   compute = DTYPES[dtype] if dtype else be.dtype
   if compute != be.dtype: _check_dtype(be, compute)
-  ckpt = open_checkpoint(source)
+  ckpt = open_checkpoint(resolve_model(None if source is None else str(source)))
   context = min(ckpt.config.max_context, 4096) if max_context is None else max_context
   _check_memory(ckpt, be, compute, context, slots, quantize)
   return be, compute, ckpt, context
@@ -235,9 +236,12 @@ def mem_available() -> int | None:
 
 def _gb(n: int) -> str: return f"{n / 1e9:.3g} GB"
 
-def load(source: str | pathlib.Path, backend: str | None = None, dtype: str | None = None, max_context: int | None = None,
+def load(source: str | pathlib.Path | None = None, backend: str | None = None, dtype: str | None = None, max_context: int | None = None,
          progress: bool = False, devices: int = 1, graph_cache: bool = True, quantize: str | None = None, slots: int = 1) -> Model:
   """Load a checkpoint (HF dir, Meta dir, GGUF file or a converted dir; the format is detected) onto a backend.
+
+  source: its path, an `org/name` Hugging Face repo id (downloaded when online), or None: the default model
+  (SmolLM2-135M-Instruct, installed by `make chat`).
 
   backend: "cpu", "opencl", "cuda", ... (default: TG_LLAMA_BACKEND, else tinygrad's DEV).
   dtype: "float32", "float16" or "bfloat16" (default: the backend's compute dtype).
@@ -253,7 +257,7 @@ def load(source: str | pathlib.Path, backend: str | None = None, dtype: str | No
   devs = devices_for(be.device, devices) if devices > 1 else ()
   if devs: check_divisible(ckpt.config, devices)  # before reading any weights
   llama, quantization = build(ckpt, be.device, compute, devices=devs, quantize=quantize,
-                              progress=progress_bar(f"loading {pathlib.Path(source).name}") if progress else None)
+                              progress=progress_bar(f"loading {ckpt.path.name}") if progress else None)
   model = Model(ModelRunner(llama, be.device, compute, context, slots, devices=devs), ckpt, be, compute, devs, quantization)
   if graphs_enabled(graph_cache): model.engine.graphs = GraphCache.for_model(model)
   return model

@@ -26,4 +26,4 @@ def resolve_model(spec: str | None) -> pathlib.Path:
     return pathlib.Path(snapshot_download(spec, allow_patterns=["*.json", "*.safetensors", "tokenizer.model", "*.jinja"]))
   except Exception as e:  # the hub raises many kinds (offline, 404, gated); all mean the same to the user
     raise CheckpointError(f"could not download {spec} from Hugging Face ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
-                          "offline? pass a local path with --model") from None
+                          "offline? give a local path instead (--model PATH)") from None
