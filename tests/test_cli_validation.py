@@ -31,6 +31,8 @@ BAD = {
   ("--max-context", "0"): "--max-context must be >= 1, but is 0",
   ("--max-context", "-5"): "--max-context must be >= 1, but is -5",
   ("--devices", "0"): "--devices must be >= 1, but is 0",
+  ("--stage-backends", "cpu,cpu"): "--stage-backends places or sets up stages: give --stages or --layers too",
+  ("--stage-dtypes", "float32"): "--stage-dtypes places or sets up stages: give --stages or --layers too",
 }
 
 @pytest.mark.parametrize("command", ["generate", "chat"])

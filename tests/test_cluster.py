@@ -54,6 +54,7 @@ def test_plan_by_hand_and_by_node():
   (dict(layers="0:40,40:81"), "ends at layer 81, but the model has 80"),
   (dict(layers="0-40"), "START:END"),
   (dict(stages=2, node_labels=["big", "gpu-box"]), "node 'gpu-box' is not in the Ray cluster"),
+  (dict(stages=2, dtypes=["float32"] * 3), "--stage-dtypes names 3 dtypes, but there are 2 stages"),
   (dict(stages=3, node_labels=["big", "small"]), "names 2 nodes, but there are 3 stages"),
   (dict(layers="0:10,10:80", node_labels=["big", "small"]), r"node small \(layers 10:80\) need about 75.2 GB, but Ray reports 34.4 GB"),
   (dict(stages=81), "cannot split 80 layers into 81 stages"),
@@ -144,6 +145,17 @@ def test_mixed_backends_cpu_and_opencl(cluster, tiny):
   model = load(path, stages=2, nodes=["node-a", "node-b"], backends=["cpu", "opencl"], max_context=64)
   assert [info["device"] for info in model.runner.infos] == ["CPU", "CL"]
   assert list(model.generate(PROMPT, 10)) == reference_greedy(ref_model, PROMPT, 10)
+  for actor in model.runner.stages: ray.kill(actor)
+
+def test_stages_in_different_dtypes(cluster, tiny):
+  # hidden states go between stages as float32, whatever a stage computes in (a float16 stage before a float32 one, as
+  # a CUDA stage before a CPU stage would be)
+  ref_model, path = tiny
+  model = load(path, stages=2, nodes=["node-a", "node-b"], dtypes=["float16", "float32"], max_context=64)
+  assert [info["dtype"] for info in model.runner.infos] == ["half", "float"]
+  logits, expected = model.logits(PROMPT), reference_logits(ref_model, PROMPT)[-1]
+  assert logits.argmax() == expected.argmax() and np.abs(logits - expected).max() < 2e-2
+  assert list(model.generate(PROMPT, 8)) == reference_greedy(ref_model, PROMPT, 8)
   for actor in model.runner.stages: ray.kill(actor)
 
 def test_a_killed_stage_is_restarted_and_the_request_finishes_the_same(cluster, tiny):

@@ -22,6 +22,8 @@ def add_model_args(p: argparse.ArgumentParser):
                                                "the nodes, the largest memory first)")
   g.add_argument("--stage-backends", default=None, help="each stage's backend, comma-separated, e.g. cpu,opencl (default: --backend, "
                                                         "else each node's own)")
+  g.add_argument("--stage-dtypes", default=None, help="each stage's compute dtype, comma-separated, e.g. float32,float16 (default: "
+                                                      "--dtype, else each backend's own)")
 
 def add_sampling_args(p: argparse.ArgumentParser, temperature: float):
   g = p.add_argument_group("sampling")
@@ -48,6 +50,12 @@ def check_args(args):
   for flag, value, low in (("--max-new-tokens", args.max_new_tokens, 1), ("--max-context", args.max_context, 1), ("--devices", args.devices, 1),
                            ("--stages", args.stages, 1)):
     if value is not None and value < low: raise InvalidArgumentError(f"{flag} must be >= {low}, but is {value}")
+  check_stage_args(args)
+
+def check_stage_args(args):
+  staged = args.stages is not None or args.layers is not None or args.cluster is not None
+  for flag, value in (("--nodes", args.nodes), ("--stage-backends", args.stage_backends), ("--stage-dtypes", args.stage_dtypes)):
+    if value is not None and not staged: raise InvalidArgumentError(f"{flag} places or sets up stages: give --stages or --layers too")
 
 def load_model(args, slots: int = 1):
   from tg_llama.assets import resolve_model
@@ -58,7 +66,7 @@ def load_model(args, slots: int = 1):
     from tg_llama.cluster import load
     split = lambda v: [x.strip() for x in v.split(",")] if v else None
     model = load(args.model, stages=args.stages if args.stages is not None or args.layers else 1, layers=args.layers, nodes=split(args.nodes),
-                 backends=split(args.stage_backends), address=args.cluster, backend=args.backend, dtype=args.dtype,
+                 backends=split(args.stage_backends), address=args.cluster, backend=args.backend, dtype=args.dtype, dtypes=split(args.stage_dtypes),
                  max_context=args.max_context, slots=slots, quantize=args.quantize, progress=True)
   else:
     from tg_llama.api import load
@@ -165,6 +173,7 @@ def cmd_serve(args) -> int:
   for flag, value, low in (("--max-context", args.max_context, 1), ("--devices", args.devices, 1), ("--slots", args.slots, 1), ("--stages", args.stages, 1),
                            ("--port", args.port, 0), ("--max-waiting", args.max_waiting, 0)):
     if value is not None and value < low: raise InvalidArgumentError(f"{flag} must be >= {low}, but is {value}")
+  check_stage_args(args)
   try: from tg_llama.serve.server import run
   except ImportError as e:
     raise TgLlamaError(f"tg-llama serve needs FastAPI and uvicorn ({e.name} is missing): pip install 'tg-llama[serve]'") from None

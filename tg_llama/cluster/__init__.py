@@ -22,22 +22,25 @@ def connect(address: str | None = None):
 
 def load(source: str | pathlib.Path | None = None, stages: int | None = None, layers: str | None = None, nodes: list[str] | None = None,
          backends: list[str] | None = None, address: str | None = None, backend: str | None = None, dtype: str | None = None,
-         max_context: int | None = None, slots: int = 1, quantize: str | None = None, graph_cache: bool = True,
-         progress: bool = False, max_restarts: int = 3, timeout: float = 600, restart_timeout: float = 300):
+         dtypes: list[str] | None = None, max_context: int | None = None, slots: int = 1, quantize: str | None = None,
+         graph_cache: bool = True, progress: bool = False, max_restarts: int = 3, timeout: float = 600, restart_timeout: float = 300):
   """The model at `source` (a path every node can read at the same place, an HF repo id, or None: the default model) as
   a pipeline: `stages` stages split by memory, or `layers` ("0:10,10:30") by hand; `nodes` places each stage (Ray node
   id, node name or IP); `backends` gives each stage's backend (one for all, or one each; default `backend`, else each
-  node's own). Everything is checked (the plan against the cluster's nodes and memory) before any weights are read.
+  node's own), `dtypes` each stage's compute dtype (likewise; default `dtype`, else each backend's own). Everything is
+  checked (the plan against the cluster's nodes and memory) before any weights are read.
   A stage that dies is restarted up to `max_restarts` times; one that is not back within `restart_timeout` seconds fails
   the requests it was running."""
-  from tinygrad import dtypes
+  import tinygrad
   from tg_llama.api import DTYPES, Model
   from tg_llama.assets import resolve_model
   from tg_llama.cluster.pipeline import PipelineRunner
   from tg_llama.cluster.plan import make_plan, stage_bytes
   from tg_llama.cluster.stage import Stage
   from tg_llama.convert import open_checkpoint
-  if dtype is not None and dtype not in DTYPES: raise InvalidArgumentError(f"unknown dtype {dtype!r}; choose one of {', '.join(DTYPES)}")
+  dtypes = dtypes or ([dtype] if dtype else None)
+  for d in dtypes or []:
+    if d not in DTYPES: raise InvalidArgumentError(f"unknown dtype {d!r}; choose one of {', '.join(DTYPES)}")
   if slots < 1: raise InvalidArgumentError(f"slots must be >= 1, but is {slots}")
   path = resolve_model(None if source is None else str(source))
   ckpt = open_checkpoint(path)  # the config, the tokenizer and the tensors' shapes: no weights are read here
@@ -45,9 +48,10 @@ def load(source: str | pathlib.Path | None = None, stages: int | None = None, la
   if context < 1: raise InvalidArgumentError(f"max_context must be >= 1, but is {context}")
   ray = connect(address)
   alive = [n for n in ray.nodes() if n.get("Alive")]
-  itemsize = (DTYPES[dtype] if dtype else dtypes.float32).itemsize  # a backend's own dtype is known on its node only: the larger
+  # a backend's own dtype is known on its node only: the larger
+  itemsize = max(DTYPES[d].itemsize if d else 4 for d in dtypes or [None])
   plan = make_plan(ckpt.config, alive, lambda a, b: stage_bytes(ckpt.config, ckpt.shapes, ckpt.raw_dtypes, a, b, itemsize, context + 64, slots),
-                   stages, layers, nodes, backends or ([backend] if backend else None))
+                   stages, layers, nodes, backends or ([backend] if backend else None), dtypes)
   from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
   remote = ray.remote(Stage)
   # each node reads the file at the same path (or its own default model)
@@ -55,7 +59,7 @@ def load(source: str | pathlib.Path | None = None, stages: int | None = None, la
   started = time.perf_counter()
   actors = [remote.options(num_cpus=0, max_restarts=max_restarts, max_task_retries=0, name=None,
                            scheduling_strategy=NodeAffinitySchedulingStrategy(p.node, soft=False))
-            .remote(spec, p.start, p.end, p.backend, dtype, context, slots, quantize, graph_cache,
+            .remote(spec, p.start, p.end, p.backend, p.dtype, context, slots, quantize, graph_cache,
                     shares_node=sum(q.node == p.node for q in plan) > 1) for p in plan]
   infos = []
   for i, (actor, p) in enumerate(zip(actors, plan)):
@@ -70,4 +74,4 @@ def load(source: str | pathlib.Path | None = None, stages: int | None = None, la
                        f"{infos[-1]['load_s']:.1f} s)", file=sys.stderr)
   runner = PipelineRunner(actors, plan, infos, ckpt.config, context, slots, timeout=timeout, restart_timeout=restart_timeout)
   runner.start_s = time.perf_counter() - started
-  return Model(runner, ckpt, None, getattr(dtypes, infos[-1]["dtype"]), quantization={"mode": infos[0]["quantize"]})
+  return Model(runner, ckpt, None, getattr(tinygrad.dtypes, infos[-1]["dtype"]), quantization={"mode": infos[0]["quantize"]})

@@ -145,7 +145,7 @@ class PipelineRunner:
       self._settle({s for s, _, _ in rows})
       if key is not None: x = ("ahead", key)
       else:
-        x = np.array([[t] for _, _, t in rows], dtype=np.int32)
+        x = [t for _, _, t in rows]
         for stage in self.stages[:-1]: x = stage.rows.remote([(s, p) for s, p, _ in rows], x)
       # not waited for: the last stage runs the step with its sampling, so a step costs one call per stage; a step that
       # failed fails sample() too, whose recovery runs the step again
@@ -161,7 +161,7 @@ class PipelineRunner:
       last = self.stages[-1]
       if logits.ran is not None: return self._get(last.sample.remote(list(slots), greedy_only, mask, (), None, logits.ran, then=then))
       return self._get(logits.run_last(lambda: last.sample.remote(list(slots), greedy_only, mask, logits.last, logits.x, *logits.after, then=then)))
-    tokens = self._call(run, logits)
+    tokens = np.array(self._call(run, logits), dtype=np.int32)
     if then is not None: self.ahead[then[0]] = [(s, p, int(tokens[r])) for r, s, p in rows]
     return tokens
 

@@ -1,5 +1,5 @@
-"""The plan of a pipeline: which layers each stage runs, on which Ray node, on which backend; checked against the cluster
-before any weights are read.
+"""The plan of a pipeline: which layers each stage runs, on which Ray node, on which backend and in which dtype; checked
+against the cluster before any weights are read.
 
 Layers split by each stage's share of its node's memory (exo's memory-weighted partition: a node with twice the memory
 takes twice the layers), or as given by hand (`0:10,10:30`). Stages go to the nodes named, or round the alive nodes,
@@ -21,6 +21,7 @@ class StagePlan:
   node_label: str        # the node as the user knows it: its name, or IP
   backend: str | None    # None: the stage's node picks (TG_LLAMA_BACKEND, DEV, else the best found there)
   nbytes: int            # weights and KV cache, estimated
+  dtype: str | None = None  # the compute dtype; None: the backend's own
 
   @property
   def layers(self) -> str: return f"{self.start}:{self.end}"
@@ -72,18 +73,18 @@ def find_node(label: str, nodes: list[dict]) -> dict:
   raise InvalidArgumentError(f"node {label!r} is not in the Ray cluster; its alive nodes: {known}")
 
 def make_plan(config: LlamaConfig, nodes: list[dict], stage_bytes_of, stages: int | None = None, layers: str | None = None,
-              node_labels: list[str] | None = None, backends: list[str] | None = None) -> list[StagePlan]:
+              node_labels: list[str] | None = None, backends: list[str] | None = None, dtypes: list[str] | None = None) -> list[StagePlan]:
   """The stages of a pipeline on `nodes` (ray.nodes(), alive ones). stages or layers says how many; node_labels places
-  each stage (default: round the nodes, the largest memory first); backends gives each stage's (one for all, or one
-  each). stage_bytes_of(start, end) estimates a stage's memory."""
+  each stage (default: round the nodes, the largest memory first); backends and dtypes give each stage's (one for all,
+  or one each). stage_bytes_of(start, end) estimates a stage's memory."""
   if not nodes: raise InvalidArgumentError("the Ray cluster has no alive nodes")
   given = parse_layers(layers, config.n_layers) if layers else None
   n = len(given) if given else stages
   if n is None or n < 1: raise InvalidArgumentError(f"the number of stages must be >= 1, but is {n}")
   if given and stages is not None and stages != n: raise InvalidArgumentError(f"--stages {stages} but --layers gives {n} stages")
-  for flag, values in (("--nodes", node_labels), ("--stage-backends", backends)):
-    if values is not None and len(values) not in ((1, n) if flag == "--stage-backends" else (n,)):
-      raise InvalidArgumentError(f"{flag} names {len(values)} {'nodes' if flag == '--nodes' else 'backends'}, but there are {n} stages")
+  for flag, what, values in (("--nodes", "nodes", node_labels), ("--stage-backends", "backends", backends), ("--stage-dtypes", "dtypes", dtypes)):
+    if values is not None and len(values) not in ((n,) if flag == "--nodes" else (1, n)):
+      raise InvalidArgumentError(f"{flag} names {len(values)} {what}, but there are {n} stages")
   if node_labels: placed = [find_node(label, nodes) for label in node_labels]
   else:
     ordered = sorted(nodes, key=lambda node: -_memory(node))
@@ -91,8 +92,9 @@ def make_plan(config: LlamaConfig, nodes: list[dict], stage_bytes_of, stages: in
   if given is None:  # each stage's share of its node's memory
     per_node = {node["NodeID"]: sum(p["NodeID"] == node["NodeID"] for p in placed) for node in placed}
     given = split_by_weight(config.n_layers, [max(_memory(node), 1) / per_node[node["NodeID"]] for node in placed])
-  backends = backends or [None]
-  plan = [StagePlan(a, b, node["NodeID"], _label(node), backends[i % len(backends)], stage_bytes_of(a, b)) for i, ((a, b), node) in enumerate(zip(given, placed))]
+  backends, dtypes = backends or [None], dtypes or [None]
+  plan = [StagePlan(a, b, node["NodeID"], _label(node), backends[i % len(backends)], stage_bytes_of(a, b), dtypes[i % len(dtypes)])
+          for i, ((a, b), node) in enumerate(zip(given, placed))]
   for node in {p["NodeID"]: p for p in placed}.values():
     need = sum(s.nbytes for s in plan if s.node == node["NodeID"])
     if (have := _memory(node)) and need > have:

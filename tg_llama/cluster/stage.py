@@ -1,8 +1,9 @@
 """One stage of a pipeline: a layer shard in a process of its own (a Ray actor), with its own backend, KV cache slots and
 captured graphs (saved to and loaded from its node's graph cache, as one process does).
 
-The driver (tg_llama/cluster/pipeline.py) calls it with numpy arrays: token ids into the first stage, hidden states
-(float32) between stages. The last stage keeps its logits and samples from them when asked, so only token ids come back.
+The driver (tg_llama/cluster/pipeline.py) calls it with token ids for the first stage; each stage's hidden states go to
+the next as float32 bytes, the dtype of every stage's input whatever it computes in (a float16 stage's own would not
+fit the next stage's input; and a small numpy array costs a Ray call about 0.07 ms more than bytes or a list). The last stage keeps its logits and samples from them when asked, so only token ids come back.
 Ray runs one actor's calls in the order a caller made them, so a stage needs no locks and no step numbers: its latest
 logits are those of the step the driver samples next.
 
@@ -65,14 +66,17 @@ class Stage:
             "quantize": self.quantization["mode"], "load_s": self.load_s, "graphs_loaded": list(self.graphs.loaded) if self.graphs else [],
             "busy_s": self.busy_s, "steps": self.steps, "spans": list(self.spans)}
 
-  def chunk(self, slot: int, x: np.ndarray, start: int) -> np.ndarray | None:
-    """A prefill chunk (tg_llama/engine/runner.py's run_chunk): the hidden states of its n tokens (n, dim) for the next
-    stage, or None on the last stage (its logits kept)."""
+  def chunk(self, slot: int, x: np.ndarray | bytes, start: int) -> bytes | None:
+    """A prefill chunk (tg_llama/engine/runner.py's run_chunk) of n token ids, or of the previous stage's hidden states:
+    the hidden states of its n tokens (n, dim) for the next stage, or None on the last stage (its logits kept)."""
+    x = self._hidden(x, (-1, self.config.dim)) if isinstance(x, bytes) else x
     return self._out(self.runner.run_chunk(slot, x, start), lambda h: h[0, :len(x)])
 
-  def rows(self, rows: list[tuple[int, int]], x: np.ndarray) -> np.ndarray | None:
-    """A step of rows (run_rows): their hidden states (n, 1, dim) for the next stage, or None on the last stage."""
+  def rows(self, rows: list[tuple[int, int]], x: list[int] | bytes) -> bytes | None:
+    """A step of rows (run_rows) on a token id each, or on the previous stage's hidden states: theirs (n, 1, dim) for the
+    next stage, or None on the last stage."""
     start = time.monotonic()
+    x = self._hidden(x, (len(rows), 1, self.config.dim)) if isinstance(x, bytes) else np.array(x, dtype=np.int32).reshape(-1, 1)
     out = self._out(self.runner.run_rows(rows, x), lambda h: h[:len(rows)])
     if self.llama.is_last: Device[self.backend.device].synchronize()  # a GPU's graph may still run: its time is the stage's
     end = time.monotonic()
@@ -85,7 +89,9 @@ class Stage:
     if self.llama.is_last:
       self.logits = out
       return None
-    return np.ascontiguousarray(rows(read(out)))
+    return np.ascontiguousarray(rows(read(out)), dtype=np.float32).tobytes()
+
+  def _hidden(self, x: bytes, shape: tuple) -> np.ndarray: return np.frombuffer(x, dtype=np.float32).reshape(shape)
 
   def run(self, step: tuple, x, *after) -> np.ndarray | None:
     """A step the driver describes as ("rows", rows) or ("chunk", slot, start), on its input x: the previous stage's
@@ -98,7 +104,7 @@ class Stage:
     return self.rows(step[1], x) if step[0] == "rows" else self.chunk(step[1], x, step[2])
 
   def sample(self, slots: list[int | None], greedy_only: bool, mask: np.ndarray | None, step: tuple = (), x=None, *after,
-             then: tuple | None = None) -> np.ndarray:
+             then: tuple | None = None) -> list[int]:
     """Token ids from the latest logits (runner.sample); with `step` and its input `x` (as run() takes them), from that
     step's logits, run first: a step and its sampling in one call, a hop less a token. `after`: the ref of the step that
     made the logits when it ran apart, so that a failed step fails this call too. `then`: (key, [(row, slot, position)]):
@@ -107,11 +113,11 @@ class Stage:
     tokens = self.runner.sample(self.logits, slots, greedy_only, mask)
     if then is not None and self.earlier:  # (a restarted last stage has no handles until the driver's recovery)
       key, rows = then
-      x = np.array([[tokens[r]] for r, _, _ in rows], dtype=np.int32)
+      x = [int(tokens[r]) for r, _, _ in rows]
       for stage in self.earlier: x = stage.rows.remote([(s, p) for _, s, p in rows], x)
       self.ahead[key] = x
     if self.graphs is not None: self.graphs.save_new()
-    return tokens
+    return tokens.tolist()
 
   def settle(self, keys: list[int] | None):
     """Forget the steps started here as `keys` (None: all), once they have run: the driver will not use them, and sends
