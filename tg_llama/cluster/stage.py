@@ -3,7 +3,8 @@ captured graphs (saved to and loaded from its node's graph cache, as one process
 
 The driver (tg_llama/cluster/pipeline.py) calls it with token ids for the first stage; each stage's hidden states go to
 the next as float32 bytes, the dtype of every stage's input whatever it computes in (a float16 stage's own would not
-fit the next stage's input; and a small numpy array costs a Ray call about 0.07 ms more than bytes or a list). The last stage keeps its logits and samples from them when asked, so only token ids come back.
+fit the next stage's input; and a small numpy array costs a Ray call about 0.07 ms more than bytes or a list). The
+last stage keeps its logits and samples from them when asked, so only token ids come back.
 Ray runs one actor's calls in the order a caller made them, so a stage needs no locks and no step numbers: its latest
 logits are those of the step the driver samples next.
 
@@ -93,7 +94,7 @@ class Stage:
 
   def _hidden(self, x: bytes, shape: tuple) -> np.ndarray: return np.frombuffer(x, dtype=np.float32).reshape(shape)
 
-  def run(self, step: tuple, x, *after) -> np.ndarray | None:
+  def run(self, step: tuple, x, *after) -> bytes | None:
     """A step the driver describes as ("rows", rows) or ("chunk", slot, start), on its input x: the previous stage's
     output, or ("ahead", key) for that of a step started here. `after`: refs of the step's earlier calls here (a long
     prompt's chunks), so that their errors are this call's."""
