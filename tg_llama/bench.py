@@ -208,7 +208,7 @@ def bench_llama_cpp(args, path: pathlib.Path, vocab: int) -> dict:
   if not path.is_file(): return {"name": "llama.cpp", "skipped": f"llama.cpp runs GGUF files; {path} is a directory"}
   start = time.perf_counter()
   llm = llama_cpp.Llama(model_path=str(path), n_ctx=args.prompt_tokens + args.gen_tokens + 8, n_batch=args.prompt_tokens,
-                        n_threads=2, verbose=False)
+                        n_threads=args.cpu_threads, verbose=False)
   load_s = time.perf_counter() - start
   ctx = llm._ctx.ctx  # the raw llama_context, for the C API below
 
@@ -305,6 +305,8 @@ def main(argv: list[str] | None = None) -> int:
   from tg_llama.assets import default_model_path
   path = pathlib.Path(args.model).expanduser() if args.model else default_model_path()
   ours = bench_ours(args, path)
+  from tinygrad.helpers import NUM_CPU_THREADS
+  args.cpu_threads = NUM_CPU_THREADS.value  # a peer computes on as many threads as our CPU runner (llama.cpp's default: 4)
   copy = machine_copy_gb_s()  # after ours: its arrays would otherwise be in our peak RSS
   result = {"model": str(path), "prompt_tokens": args.prompt_tokens, "gen_tokens": args.gen_tokens, "runs": args.runs,
             "machine_copy_gb_s": copy, "bandwidth_pct": 100 * ours["achieved_gb_s"] / copy, "ours": ours, "compare": []}
