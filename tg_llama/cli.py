@@ -52,16 +52,17 @@ def check_args(args):
     if value is not None and value < low: raise InvalidArgumentError(f"{flag} must be >= {low}, but is {value}")
   check_stage_args(args)
 
+def staged(args) -> bool: return args.stages is not None or args.layers is not None or args.cluster is not None
+
 def check_stage_args(args):
-  staged = args.stages is not None or args.layers is not None or args.cluster is not None
   for flag, value in (("--nodes", args.nodes), ("--stage-backends", args.stage_backends), ("--stage-dtypes", args.stage_dtypes)):
-    if value is not None and not staged: raise InvalidArgumentError(f"{flag} places or sets up stages: give --stages or --layers too")
+    if value is not None and not staged(args): raise InvalidArgumentError(f"{flag} places or sets up stages: give --stages or --layers too")
 
 def load_model(args, slots: int = 1):
   from tg_llama.assets import resolve_model
   path = resolve_model(args.model)
   start = time.perf_counter()
-  if args.stages is not None or args.layers is not None or args.cluster is not None:
+  if staged(args):
     if args.devices != 1: raise InvalidArgumentError("--devices splits one process's model; with --stages each stage runs on one device")
     from tg_llama.cluster import load
     split = lambda v: [x.strip() for x in v.split(",")] if v else None

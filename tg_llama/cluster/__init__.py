@@ -49,7 +49,7 @@ def load(source: str | pathlib.Path | None = None, stages: int | None = None, la
   ray = connect(address)
   alive = [n for n in ray.nodes() if n.get("Alive")]
   # a backend's own dtype is known on its node only: the larger
-  itemsize = max(DTYPES[d].itemsize if d else 4 for d in dtypes or [None])
+  itemsize = max(DTYPES[d or "float32"].itemsize for d in dtypes or [None])
   plan = make_plan(ckpt.config, alive, lambda a, b: stage_bytes(ckpt.config, ckpt.shapes, ckpt.raw_dtypes, a, b, itemsize, context + 64, slots),
                    stages, layers, nodes, backends or ([backend] if backend else None), dtypes)
   from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
